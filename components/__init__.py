@@ -1,0 +1,1 @@
+"""clipline's pipeline stages, one subpackage each; ``common`` holds what two or more stages share."""

@@ -1,0 +1,37 @@
+"""Manifests: the small JSON documents stages hand each other (URIs, counts, checksums, config, metrics).
+
+A stage writes its big outputs first and its manifest last, so a manifest's presence means the output is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from components.common import store
+
+SCHEMA_VERSION = 1
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def write_manifest(uri: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Publish a manifest of ``kind`` atomically at ``uri``; returns what was written."""
+    doc = {"kind": kind, "schema_version": SCHEMA_VERSION, "created_unix": round(time.time(), 3), **body}
+    store.put_bytes(uri, json.dumps(doc, indent=2, sort_keys=True).encode())
+    return doc
+
+
+def read_manifest(uri: str, kind: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(store.get_bytes(uri))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{uri} is not a JSON manifest: {exc}") from None
+    if doc.get("kind") != kind:
+        raise ManifestError(f"{uri} is a {doc.get('kind')!r} manifest, expected {kind!r}")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(f"{uri} has schema_version {doc.get('schema_version')}, this clipline reads {SCHEMA_VERSION}")
+    return doc

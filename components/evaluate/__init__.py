@@ -1,0 +1,1 @@
+"""Stage 4: zero-shot classification and retrieval, with a report."""

@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline, the local runner and the `clipline` CLI."""

@@ -1,0 +1,157 @@
+"""The ``clipline`` command: one subcommand per pipeline stage, plus the local runner, the compiler and the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_STORE_DIR = ".clipline/store"
+EXIT_NOT_BUILT = 3
+
+# Stages whose implementation has not landed yet: subcommand -> what it will do.
+NOT_BUILT = {
+    "ingest": "download a URL list with img2dataset into webdataset shards in the object store",
+    "preprocess": "filter, densely index, resize and re-shard raw shards for training",
+    "train": "train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun",
+    "evaluate": "zero-shot classification and retrieval of a trained model, with an HTML report",
+    "compile": "write the Kubeflow pipeline YAML into pipelines/compiled/",
+}
+
+
+def _not_built(args: argparse.Namespace) -> int:
+    print(f"clipline {args.command}: not built yet in this version of clipline", file=sys.stderr)
+    return EXIT_NOT_BUILT
+
+
+def _store_up(args: argparse.Namespace) -> int:
+    from components.common import embedded_store
+
+    info = embedded_store.start(args.dir, port=args.port, bucket=args.bucket)
+    print(f"S3 store running at {info.endpoint} (pid {info.pid}, data in {info.state_dir}, bucket {info.bucket})",
+          file=sys.stderr)
+    print(info.shell_exports(), end="")
+    if args.foreground:
+        print("serving in the foreground; Ctrl-C stops it", file=sys.stderr)
+        try:
+            while embedded_store.status(args.dir) is not None:
+                time.sleep(1)
+            print("the server exited", file=sys.stderr)
+            return 1
+        finally:
+            embedded_store.stop(args.dir)
+    return 0
+
+
+def _store_down(args: argparse.Namespace) -> int:
+    from components.common import embedded_store
+
+    stopped = embedded_store.stop(args.dir)
+    print("stopped" if stopped else f"no store running for {args.dir}", file=sys.stderr)
+    return 0
+
+
+def _store_status(args: argparse.Namespace) -> int:
+    from components.common import embedded_store
+
+    info = embedded_store.status(args.dir)
+    if info is None:
+        print(f"no store running for {args.dir}", file=sys.stderr)
+        return 1
+    print(json.dumps({"endpoint": info.endpoint, "pid": info.pid, "bucket": info.bucket,
+                      "state_dir": str(info.state_dir), "access_key": info.access_key}, indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.local import run_local
+
+    manifest = run_local(args.recipe, run_prefix=args.run_prefix, store_dir=args.store_dir,
+                         use_env_store=args.use_env_store)
+    missing = [name for name, s in manifest["stages"].items() if s["status"] == "not built"]
+    print(f"run manifest: {manifest['run_prefix']}/run.json")
+    if missing:
+        print(f"partial pipeline: stages not built yet: {', '.join(missing)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipline",
+        description="Train CLIP models efficiently: ingest -> preprocess -> train -> evaluate, "
+                    "locally or on Kubeflow. S3 settings come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, what in NOT_BUILT.items():
+        p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. (Not built yet.)")
+        p.set_defaults(func=_not_built)
+
+    run = sub.add_parser(
+        "run", help="run the whole pipeline locally with an embedded S3 store",
+        description="Run the whole pipeline on this machine: starts an embedded S3 store (SeaweedFS) unless "
+                    "--use-env-store, validates the recipe, runs every built stage in order and commits a run "
+                    "manifest under the run prefix.",
+    )
+    run.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML (default: %(default)s)")
+    run.add_argument("--run-prefix", help="s3:// or file:// prefix for the run's outputs "
+                                          "(default: s3://clipline/runs/<recipe>-<time>)")
+    run.add_argument("--store-dir", default=DEFAULT_STORE_DIR, help="embedded store state (default: %(default)s)")
+    run.add_argument("--use-env-store", action="store_true",
+                     help="use the S3 endpoint in AWS_ENDPOINT_URL instead of an embedded store")
+    run.set_defaults(func=_run)
+
+    st = sub.add_parser("store", help="start, stop or inspect the embedded S3 store (SeaweedFS on 127.0.0.1)",
+                        description="Manage a local S3 server (SeaweedFS) with generated credentials. "
+                                    "`eval \"$(clipline store up)\"` exports its endpoint and credentials.")
+    st_sub = st.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = st_sub.add_parser("up", help="start the server (or reuse the running one) and print the env to export",
+                           description="Start SeaweedFS bound to 127.0.0.1, wait until its S3 API accepts writes, "
+                                       "and print `export ...` lines for AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                                       "AWS_SECRET_ACCESS_KEY and AWS_REGION.")
+    up.add_argument("--port", type=int, help="S3 port (default: a free one, kept across restarts)")
+    up.add_argument("--bucket", default="clipline", help="bucket to create (default: %(default)s)")
+    up.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then stop the server")
+    up.set_defaults(func=_store_up)
+    down = st_sub.add_parser("down", help="stop the server (SIGTERM, then SIGKILL after a grace period)",
+                             description="Stop the server; its data and credentials stay for the next `up`.")
+    down.set_defaults(func=_store_down)
+    status = st_sub.add_parser("status", help="print endpoint and pid (exit 1 when not running)",
+                               description="Print the running server's endpoint, pid and access key id "
+                                           "(never the secret); exit 1 when none runs.")
+    status.set_defaults(func=_store_status)
+    for p in (up, down, status):
+        p.add_argument("--dir", type=Path, default=Path(DEFAULT_STORE_DIR),
+                       help="state directory (default: %(default)s)")
+    return parser
+
+
+def _exit_on_sigterm(signum, frame):  # noqa: ARG001
+    # Turn SIGTERM into an exception so `finally` blocks stop servers and child processes.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    from components.common.config import ConfigError
+    from components.common.embedded_store import EmbeddedStoreError
+    from components.common.store import StoreError
+
+    try:
+        return args.func(args)
+    except (ConfigError, StoreError, EmbeddedStoreError) as exc:
+        print(f"clipline {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

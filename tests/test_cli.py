@@ -1,0 +1,92 @@
+"""The clipline command, run as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from minio import Minio
+
+from components.common import store
+
+ROOT = Path(__file__).parents[1]
+SUBCOMMANDS = ["ingest", "preprocess", "train", "evaluate", "run", "compile", "store"]
+
+
+def clipline(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_console_script_is_installed():
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run([str(bin_dir / "clipline"), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_explains_itself(name):
+    result = clipline(name, "--help")
+    assert result.returncode == 0
+    assert len(result.stdout.split("\n\n")[1].strip()) > 20, result.stdout  # a description, not just usage
+
+
+@pytest.mark.parametrize("name", ["ingest", "preprocess", "train", "evaluate", "compile"])
+def test_unbuilt_stage_says_so_and_fails(name):
+    result = clipline(name)
+    assert result.returncode == 3
+    assert "not built yet" in result.stderr
+
+
+def test_store_up_status_down(tmp_path):
+    state = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    up = clipline("store", "up", "--dir", str(state), env=env)
+    assert up.returncode == 0, up.stderr
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines())
+    assert set(exported) == {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+    assert exported["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    assert oct((state / "store.json").stat().st_mode)[-3:] == "600"
+    try:
+        client = Minio(exported["AWS_ENDPOINT_URL"].removeprefix("http://"), access_key=exported["AWS_ACCESS_KEY_ID"],
+                       secret_key=exported["AWS_SECRET_ACCESS_KEY"], secure=False)
+        assert "clipline" in [b.name for b in client.list_buckets()]
+
+        again = clipline("store", "up", "--dir", str(state), env=env)  # idempotent: same server, same env
+        assert again.returncode == 0 and again.stdout == up.stdout
+
+        status = clipline("store", "status", "--dir", str(state), env=env)
+        assert status.returncode == 0
+        info = json.loads(status.stdout)
+        assert info["endpoint"] == exported["AWS_ENDPOINT_URL"]
+        assert exported["AWS_SECRET_ACCESS_KEY"] not in status.stdout + status.stderr
+        assert Path(f"/proc/{info['pid']}").exists()
+    finally:
+        down = clipline("store", "down", "--dir", str(state), env=env)
+    assert down.returncode == 0
+    assert not Path(f"/proc/{info['pid']}").exists() or "Z" in Path(f"/proc/{info['pid']}/stat").read_text()
+    assert clipline("store", "status", "--dir", str(state), env=env).returncode == 1
+
+
+def test_bad_recipe_fails_before_anything_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("batch_size: 128", "batch_sise: 128"))
+    result = clipline("run", "--recipe", str(bad), "--store-dir", str(tmp_path / "store"))
+    assert result.returncode == 2
+    assert "unknown key 'batch_sise'" in result.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_run_commits_a_run_manifest(s3_server, s3_prefix):
+    result = clipline("run", "--use-env-store", "--run-prefix", s3_prefix)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(store.get_bytes(store.join(s3_prefix, "run.json")))
+    assert manifest["kind"] == "run" and manifest["recipe"]["name"] == "demo"
+    assert set(manifest["stages"]) == {"ingest", "preprocess", "train", "evaluate"}
+    assert s3_server.secret_key not in json.dumps(manifest) + result.stdout + result.stderr

@@ -42,6 +42,8 @@ def _store_up(args: argparse.Namespace) -> int:
                 time.sleep(1)
             print("the server exited", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            return 130
         finally:
             embedded_store.stop(args.dir)
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import random
 import shutil
@@ -39,6 +40,7 @@ from minio.commonconfig import CopySource, ComposeSource
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Objects under this prefix are in-flight writes; listings never show them.
 STAGING_PREFIX = "_clipline_staging/"
@@ -231,13 +233,17 @@ class _S3Backend:
         staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         self._call("upload", uri, lambda: self.client.fput_object(bucket, staging, str(path), part_size=_PART_SIZE))
         try:
-            size = path.stat().st_size
-            if size > _MAX_SINGLE_COPY:
-                self._call("commit", uri, lambda: self.client.compose_object(bucket, key, [ComposeSource(bucket, staging)]))
+            if path.stat().st_size > _MAX_SINGLE_COPY:
+                commit = lambda: self.client.compose_object(bucket, key, [ComposeSource(bucket, staging)])  # noqa: E731
             else:
-                self._call("commit", uri, lambda: self.client.copy_object(bucket, key, CopySource(bucket, staging)))
+                commit = lambda: self.client.copy_object(bucket, key, CopySource(bucket, staging))  # noqa: E731
+            self._call("commit", uri, commit)
         finally:
-            self._call("clean up staging for", uri, lambda: self.client.remove_object(bucket, staging))
+            # Best effort: a leftover staging object is invisible to listings and safe to expire with a lifecycle rule.
+            try:
+                self.client.remove_object(bucket, staging)
+            except Exception as exc:  # noqa: BLE001 - must not mask the outcome of the commit
+                log.warning("could not remove staging object for %s: %s", uri, _classify(exc)[1])
 
     # -- reads ---------------------------------------------------------------------------------------------------
 
@@ -371,9 +377,9 @@ class _FileBackend:
             raise ObjectNotFound(f"read {uri}: no such file") from None
 
     def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
-        # Prefix semantics as in S3: "dir/sha" matches "dir/shard-0.tar".
-        prefix = str(local_path(prefix_uri))
-        root = Path(prefix if prefix.endswith("/") or Path(prefix).is_dir() else os.path.dirname(prefix))
+        # Plain string-prefix semantics, as on S3: "dir/sha" matches "dir/shard-0.tar" and "dir/sharp.txt".
+        prefix = urlparse(prefix_uri).path if prefix_uri.startswith("file:") else prefix_uri
+        root = Path(prefix if prefix.endswith("/") else os.path.dirname(prefix) or ".")
         if not root.is_dir():
             return
         for path in sorted(p for p in root.rglob("*") if p.is_file()):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,28 @@ def test_run_commits_a_run_manifest(s3_server, s3_prefix):
     assert manifest["kind"] == "run" and manifest["recipe"]["name"] == "demo"
     assert set(manifest["stages"]) == {"ingest", "preprocess", "train", "evaluate"}
     assert s3_server.secret_key not in json.dumps(manifest) + result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_store_up_leaves_no_server(tmp_path, sig):
+    state = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "store", "up", "--dir", str(state)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (state / "store.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = json.loads((state / "store.json").read_text())["pid"]
+    assert _running(pid), "the server should be starting"
+    proc.send_signal(sig)  # while `up` still waits for the S3 API
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "S3 store running" not in stderr
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -184,18 +184,18 @@ def start(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             cwd=state_dir, env=env,
         )
-    info = EmbeddedStore(
-        state_dir=state_dir,
-        pid=proc.pid,
-        endpoint=f"http://127.0.0.1:{ports['s3']}",
-        access_key=access_key,
-        secret_key=secret_key,
-        bucket=bucket,
-        ports=ports,
-    )
-    state = {k: v for k, v in asdict(info).items() if k != "state_dir"}
-    _write_private(state_dir / _STATE, json.dumps(state, indent=2))
     try:
+        info = EmbeddedStore(
+            state_dir=state_dir,
+            pid=proc.pid,
+            endpoint=f"http://127.0.0.1:{ports['s3']}",
+            access_key=access_key,
+            secret_key=secret_key,
+            bucket=bucket,
+            ports=ports,
+        )
+        state = {k: v for k, v in asdict(info).items() if k != "state_dir"}
+        _write_private(state_dir / _STATE, json.dumps(state, indent=2))
         _wait_ready(info, proc, timeout)
     except BaseException:
         # Interrupted or failed while starting: never leave an orphan server behind.
@@ -235,7 +235,9 @@ def _log_tail(state_dir: Path, lines: int = 20) -> str:
 
 
 def _terminate(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL it after ``grace`` seconds (weed may ignore SIGTERM)."""
+    """SIGTERM the server's process group, then SIGKILL it after ``grace`` seconds.
+
+    weed's graceful shutdown takes about 25 s; its writes are already in the OS by then, so SIGKILL loses nothing."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pid, sig)

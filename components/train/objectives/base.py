@@ -1,0 +1,103 @@
+"""The interface every training objective implements.
+
+An objective turns one rank's batch of L2-normalised image and text features into that rank's loss. Contract:
+
+- ``forward`` returns this rank's loss. The trainer calls ``backward()`` on it and DDP averages parameter gradients
+  over ranks; the result must equal the gradient of one process holding the whole global batch (tested for world
+  sizes 1, 2 and 4). Logits are computed in fp32 even under autocast.
+- ``logit_scale`` is the model's *exponentiated* scale s = exp(theta) (open_clip's forward output), so the learned
+  temperature lives in the model and is exported with it. ``logit_bias`` likewise (SigLIP).
+- ``indices`` are the samples' dense dataset indices (0..N-1, from preprocess); objectives with per-sample state
+  (FastCLIP) need them, the others ignore them.
+- State that must survive a checkpoint (u tables, lambda networks, their optimizers, schedules' positions) is in
+  ``state_dict()``; restoring it continues bit-for-bit.
+- ``param_groups`` returns the optimizer groups the objective claims (e.g. the temperature with its own learning rate
+  and no weight decay); the trainer puts every other parameter in its default groups.
+- ``on_epoch_start`` and ``after_optimizer_step`` are the schedule and clamp hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from components.train.distributed import World
+
+MAX_LOGIT_SCALE = math.log(100.0)  # s <= 100, i.e. tau >= 0.01, after every step (OpenCLIP, FastCLIP, AmorLIP)
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """What an objective needs to know about the run beyond its own settings."""
+
+    world: World = field(default_factory=World)
+    dataset_size: int = 0  # N: dense indices run over 0..N-1
+    embed_dim: int = 0
+    total_epochs: int = 1  # per-epoch schedules (AmorLIP's rho blocks) are laid out over this many epochs
+    seed: int = 0  # every rank derives the same random initialisations (lambda networks) from it
+    optimizer_betas: tuple[float, float] = (0.9, 0.95)  # the model optimizer's, reused by per-sample Adam (FastCLIP v2)
+    optimizer_eps: float = 1e-6
+    run_id: str = "local"  # names node-shared memory so concurrent runs on one node never collide
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # this rank's loss, with grad
+    metrics: dict[str, float] = field(default_factory=dict)  # detached figures for logging
+
+
+class Objective(nn.Module):
+    name: str = ""
+
+    def __init__(self, context: ObjectiveContext):
+        super().__init__()
+        self.context = context
+        self.world = context.world
+
+    def init_model(self, model: nn.Module) -> None:
+        """Set the model's temperature (and bias) to this objective's initial values; freeze them if constant."""
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Optimizer groups this objective owns: dicts with "params", "lr", "weight_decay", a "name" and "managed".
+
+        ``managed=True`` means the objective sets that group's lr itself (in ``after_optimizer_step``), so the
+        trainer's warmup/cosine schedule must leave it alone; ``managed=False`` groups follow the trainer's schedule
+        scaled from the lr given here."""
+        return []
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before the first step of every epoch (0-based)."""
+
+    @torch.no_grad()
+    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called after every optimizer step: clamp the temperature so that s <= 100."""
+        clamp_logit_scale(model)
+
+
+def clamp_logit_scale(model: nn.Module) -> None:
+    with torch.no_grad():
+        model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+
+@contextlib.contextmanager
+def fp32_logits(device: torch.device) -> Iterator[None]:
+    """Compute logits in fp32 even inside an autocast region: at s = 100, bf16 rounding alone moves a logit by ~0.4.
+
+    Cast the features with ``.float()`` inside the block."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield

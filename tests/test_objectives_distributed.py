@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from components.common.recipe import AmorLipSettings, FastClipSettings, ObjectiveSpec
+from components.common.recipe import ObjectiveSpec
 from components.train.distributed import World
 from components.train.objectives import ObjectiveContext, build_objective
 from distributed_harness import run_ranks
@@ -26,17 +26,6 @@ G, N, EMBED = 16, 40, 16  # global batch, dataset size, embedding width
 CASES: dict[str, ObjectiveSpec] = {
     "clip": ObjectiveSpec(name="clip"),
     "siglip": ObjectiveSpec(name="siglip"),
-    **{
-        f"fastclip-{v}": ObjectiveSpec(name="fastclip", fastclip=FastClipSettings(version=v, gamma_decay_epochs=2))
-        for v in ("v0", "v1", "v2", "v3")
-    },
-    "fastclip-v3-paper": ObjectiveSpec(name="fastclip", fastclip=FastClipSettings(version="v3", tau_gradient="paper")),
-    "sogclr": ObjectiveSpec(name="fastclip", fastclip=FastClipSettings(version="v1", gamma_schedule="constant")),
-    "isogclr": ObjectiveSpec(name="fastclip", fastclip=FastClipSettings(version="v2", gamma_schedule="constant")),
-    **{
-        f"amorlip-{d}": ObjectiveSpec(name="amorlip", amorlip=AmorLipSettings(divergence=d, beta_ramp_epochs=2))
-        for d in ("log_l2", "kl_div_asym", "js_div")
-    },
 }
 
 

@@ -82,3 +82,9 @@ def all_reduce_mean(t: torch.Tensor, world: World) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out)
     return out / world.size
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank gets here (a no-op in a single process)."""
+    if world.size > 1:
+        dist.barrier()

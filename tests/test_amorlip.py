@@ -54,8 +54,7 @@ def _direct_targets(objective: AmorLipObjective, x: torch.Tensor, y: torch.Tenso
     weighted = w * torch.exp(s * x64 @ y64.T)  # [image i, text j]
     zhat_image, zhat_text = weighted.sum(1), weighted.sum(0)
     with torch.no_grad():
-        prev_image = torch.exp(objective.prev.image(x).double())
-        prev_text = torch.exp(objective.prev.text(y).double())
+        prev_image, prev_text = torch.exp(objective.prev(torch.stack([x, y])).double())
     return (weighted, (zhat_image, zhat_text),
             (beta * prev_image + (1 - beta) * zhat_image, beta * prev_text + (1 - beta) * zhat_text))
 
@@ -108,7 +107,7 @@ def test_epoch_start_snapshots_the_target_and_reinitialises():
     objective = _objective(reinit_every_epochs=2)
     assert all(torch.equal(a, b) for a, b in zip(objective.online.state_dict().values(),
                                                  _objective().online.state_dict().values()))  # same seed, same nets
-    assert not torch.equal(objective.online.image.head.weight, _objective(seed=1).online.image.head.weight)
+    assert not torch.equal(objective.online.w3, _objective(seed=1).online.w3)
     objective(*_features(0), torch.tensor(5.0))
     online, target = copy.deepcopy(objective.online), copy.deepcopy(objective.target)
     objective.on_epoch_start(1)  # no re-initialisation: lambda_prev <- target, the rest carries on
@@ -143,7 +142,7 @@ def test_lambda_update_matches_the_direct_formulas(divergence, reg):
     out = objective(x, y, torch.tensor(s))
 
     weighted, (zhat_i, zhat_t), (zc_i, zc_t) = _direct_targets(objective, x, y, s)
-    lam_i, lam_t = torch.exp(online.image(x.double())), torch.exp(online.text(y.double()))
+    lam_i, lam_t = torch.exp(online(torch.stack([x, y]).double()))
     direct = (_direct_lambda_loss(divergence, reg, lam_i, zc_i, zhat_i, weighted)
               + _direct_lambda_loss(divergence, reg, lam_t, zc_t, zhat_t, weighted.T))
     assert out.metrics["lambda_loss"] == pytest.approx(direct.item(), rel=1e-5)

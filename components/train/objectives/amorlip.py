@@ -72,28 +72,34 @@ MAX_LOG_RATIO = 30.0  # cap on log(Zhat / lambda) in the divergence losses; see 
 TAU_THRESHOLD = 0.03  # step_thresh: the temperature's lr drops to a third once tau <= this
 
 
-class ResidualLambdaMLP(nn.Module):
-    """log lambda(psi) for one modality: Linear-ReLU-LayerNorm twice, a skip from the input, ReLU, Linear to 1."""
+class LambdaNetworks(nn.Module):
+    """Both modalities' lambda networks (B.3): Linear-ReLU-LayerNorm twice, a skip from the input, ReLU, Linear to 1.
+
+    The two networks' weights are stacked on a leading modality axis (0 image, 1 text) so that one batched pass
+    evaluates both: the inner loop runs ``lambda_steps`` times every training step on small matrices, where the
+    number of operations, not their size, sets the cost."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.block = nn.Sequential(
-            nn.Linear(dim, hidden), nn.ReLU(), nn.LayerNorm(hidden),
-            nn.Linear(hidden, dim), nn.ReLU(), nn.LayerNorm(dim),
-        )
-        self.head = nn.Linear(dim, 1)
+        self.w1, self.b1 = self._linear(dim, hidden)
+        self.w2, self.b2 = self._linear(hidden, dim)
+        self.w3, self.b3 = self._linear(dim, 1)
+        self.norm1_weight, self.norm1_bias = nn.Parameter(torch.ones(2, 1, hidden)), nn.Parameter(torch.zeros(2, 1, hidden))
+        self.norm2_weight, self.norm2_bias = nn.Parameter(torch.ones(2, 1, dim)), nn.Parameter(torch.zeros(2, 1, dim))
+
+    @staticmethod
+    def _linear(fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+        bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, for each modality
+        return (nn.Parameter(torch.empty(2, fan_in, fan_out).uniform_(-bound, bound)),
+                nn.Parameter(torch.empty(2, 1, fan_out).uniform_(-bound, bound)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.block(features) + features)).squeeze(-1)
-
-
-class LambdaNetworks(nn.Module):
-    """One amortisation network per modality."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.image = ResidualLambdaMLP(dim, hidden)
-        self.text = ResidualLambdaMLP(dim, hidden)
+        """``features[m]`` holds modality m's (B, d) embeddings; returns log lambda of shape (2, B)."""
+        h = torch.baddbmm(self.b1, features, self.w1).relu()
+        h = F.layer_norm(h, h.shape[-1:]) * self.norm1_weight + self.norm1_bias
+        h = torch.baddbmm(self.b2, h, self.w2).relu()
+        h = F.layer_norm(h, h.shape[-1:]) * self.norm2_weight + self.norm2_bias
+        return torch.baddbmm(self.b3, (h + features).relu(), self.w3).squeeze(-1)
 
 
 def blend_log_target(log_zhat: torch.Tensor, log_lambda_prev: torch.Tensor | None, beta: float) -> torch.Tensor:
@@ -106,10 +112,11 @@ def blend_log_target(log_zhat: torch.Tensor, log_lambda_prev: torch.Tensor | Non
 
 def amortisation_loss(divergence: str, log_lambda: torch.Tensor, log_target: torch.Tensor, log_zhat: torch.Tensor,
                       global_batch: int, reg_coef: float) -> torch.Tensor:
-    """One modality's Stage I loss: a mean over the local anchors of what B.5 sums over the global batch.
+    """Stage I loss: per modality a mean over the local anchors of what B.5 sums over the global batch, summed over
+    the modalities (the leading axis of shape (2, B); the loss of one modality alone for shape (B,)).
 
     ``log_lambda`` is a = log lambda (with grad), ``log_target`` c = log Zc and ``log_zhat`` log Zhat (detached)."""
-    l2log = (log_lambda - log_target).square().mean()
+    l2log = (log_lambda - log_target).square().mean(dim=-1).sum()
     if divergence == "log_l2":
         return l2log
     # Zhat / lambda is sum_j p_ij, the row mass of p_ij = w_ij e^{d_ij} / lambda_i; the /G turns the code's mean
@@ -125,7 +132,7 @@ def amortisation_loss(divergence: str, log_lambda: torch.Tensor, log_target: tor
                      + q_mass * (math.log(2.0) - F.softplus(log_target - log_lambda)))
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
-    return reg_coef * l2log + div.mean() / global_batch
+    return reg_coef * l2log + div.mean(dim=-1).sum() / global_batch
 
 
 class AmorLipObjective(Objective):
@@ -167,7 +174,8 @@ class AmorLipObjective(Objective):
             return LambdaNetworks(self.context.embed_dim, self.hidden)
 
     def _fresh_optimizer(self) -> torch.optim.Adam:
-        return torch.optim.Adam(self.online.parameters(), lr=self.settings.lambda_lr)
+        # fused: one kernel per step instead of a loop over parameters (the inner steps run every training step)
+        return torch.optim.Adam(self.online.parameters(), lr=self.settings.lambda_lr, fused=True)
 
     def on_epoch_start(self, epoch: int) -> None:
         if epoch == self.epoch:
@@ -202,14 +210,13 @@ class AmorLipObjective(Objective):
 
     # Stage I ------------------------------------------------------------------------------------------------------
 
-    def _lambda_loss(self, feats: tuple[torch.Tensor, torch.Tensor], log_targets: tuple[torch.Tensor, torch.Tensor],
-                     log_zhats: tuple[torch.Tensor, torch.Tensor], global_batch: int) -> torch.Tensor:
-        nets = (self.online.image, self.online.text)
-        return sum(amortisation_loss(self.settings.divergence, net(f), c, z, global_batch, self.settings.div_reg_coef)
-                   for net, f, c, z in zip(nets, feats, log_targets, log_zhats))
+    def _lambda_loss(self, feats: torch.Tensor, log_targets: torch.Tensor, log_zhats: torch.Tensor,
+                     global_batch: int) -> torch.Tensor:
+        return amortisation_loss(self.settings.divergence, self.online(feats), log_targets, log_zhats, global_batch,
+                                 self.settings.div_reg_coef)
 
-    def _fit_lambda(self, feats: tuple[torch.Tensor, torch.Tensor], log_targets: tuple[torch.Tensor, torch.Tensor],
-                    log_zhats: tuple[torch.Tensor, torch.Tensor], global_batch: int) -> float:
+    def _fit_lambda(self, feats: torch.Tensor, log_targets: torch.Tensor, log_zhats: torch.Tensor,
+                    global_batch: int) -> float:
         """The inner Adam steps; returns the loss before the first one."""
         params = list(self.online.parameters())
         first = math.nan
@@ -219,18 +226,19 @@ class AmorLipObjective(Objective):
                 if i == 0:
                     first = loss.item()
                 grads = torch.autograd.grad(loss, params)
-                # One collective per inner step: the mean over ranks of per-rank means is the global-batch gradient.
-                flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]), self.world)
-                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                if self.world.size > 1:
+                    # One collective per inner step: the mean over ranks of per-rank means is the global gradient.
+                    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]), self.world)
+                    grads = flat.split([p.numel() for p in params])
+                for p, g in zip(params, grads):
                     p.grad = g.view_as(p)
                 self.lambda_optimizer.step()
         return first
 
     @torch.no_grad()
     def _update_target(self) -> None:
-        alpha = self.settings.ema_decay
-        for t, o in zip(self.target.state_dict().values(), self.online.state_dict().values()):
-            t.lerp_(o, 1.0 - alpha)
+        targets, online = list(self.target.state_dict().values()), list(self.online.state_dict().values())
+        torch._foreach_lerp_(targets, online, 1.0 - self.settings.ema_decay)
 
     # The step -----------------------------------------------------------------------------------------------------
 
@@ -251,10 +259,9 @@ class AmorLipObjective(Objective):
             log_num_text = torch.logsumexp(s * y @ all_x.T + log_w, dim=1)
 
             with torch.no_grad():
-                feats = (x.detach(), y.detach())
-                log_zhats = (log_num_image.detach(), log_num_text.detach())
-                log_prev = (self.prev.image(feats[0]), self.prev.text(feats[1])) if self.beta > 0 else (None, None)
-                log_targets = tuple(blend_log_target(z, p, self.beta) for z, p in zip(log_zhats, log_prev))
+                feats = torch.stack([x.detach(), y.detach()])
+                log_zhats = torch.stack([log_num_image.detach(), log_num_text.detach()])
+                log_targets = blend_log_target(log_zhats, self.prev(feats) if self.beta > 0 else None, self.beta)
 
             k = self.epoch_step
             if k % settings.lambda_every == 0:

@@ -16,7 +16,6 @@ EXIT_NOT_BUILT = 3
 # Stages whose implementation has not landed yet: subcommand -> what it will do.
 NOT_BUILT = {
     "ingest": "download a URL list with img2dataset into webdataset shards in the object store",
-    "preprocess": "filter, densely index, resize and re-shard raw shards for training",
     "train": "train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun",
     "evaluate": "zero-shot classification and retrieval of a trained model, with an HTML report",
     "compile": "write the Kubeflow pipeline YAML into pipelines/compiled/",
@@ -94,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in NOT_BUILT.items():
         p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. (Not built yet.)")
         p.set_defaults(func=_not_built)
+
+    from components.preprocess.cli import add_parser as add_preprocess_parser
+
+    add_preprocess_parser(sub)
 
     run = sub.add_parser(
         "run", help="run the whole pipeline locally with an embedded S3 store",

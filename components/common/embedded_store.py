@@ -164,7 +164,7 @@ def start(
     }
     _write_private(state_dir / "s3cfg.json", json.dumps(identities))
     cmd = [
-        weed_binary(), "server",
+        weed_binary(), "-logtostderr", "server",  # one log, weed.log, instead of glog files in /tmp
         f"-dir={state_dir / 'data'}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", "-master.electionTimeout=1s",
@@ -200,6 +200,7 @@ def start(
     except BaseException:
         # Interrupted or failed while starting: never leave an orphan server behind.
         _terminate(proc.pid)
+        _remove_sockets(ports)
         raise
     return info
 
@@ -253,12 +254,24 @@ def _terminate(pid: int, grace: float = 5.0) -> None:
     raise EmbeddedStoreError(f"weed (pid {pid}) survived SIGKILL")
 
 
+def _remove_sockets(ports: dict[str, int]) -> None:
+    """weed also serves gRPC on unix sockets at fixed /tmp paths named by port, and leaves them behind when killed."""
+    for port in ports.values():
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            sock.unlink(missing_ok=True)
+
+
+def _shut_down(info: EmbeddedStore, grace: float = 5.0) -> None:
+    _terminate(info.pid, grace)
+    _remove_sockets(info.ports)
+
+
 def stop(state_dir: str | os.PathLike, grace: float = 5.0) -> bool:
     """Stop the server of ``state_dir``; False when none was running. Data and credentials stay for the next start."""
     info = status(state_dir)
     if info is None:
         return False
-    _terminate(info.pid, grace)
+    _shut_down(info, grace)
     return True
 
 
@@ -275,4 +288,4 @@ def running(state_dir: str | os.PathLike, **kwargs) -> Iterator[EmbeddedStore]:
     try:
         yield info
     finally:
-        _terminate(info.pid)
+        _shut_down(info)

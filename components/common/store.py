@@ -398,6 +398,9 @@ class _FileBackend:
 
 
 _s3_backends: dict[S3Settings, _S3Backend] = {}
+# A forked child (a DataLoader worker) must not share the parent's pooled connections: two processes writing to one
+# socket would interleave their HTTP conversations. Each child builds its own clients.
+os.register_at_fork(after_in_child=_s3_backends.clear)
 
 
 def _backend(uri: str) -> _S3Backend | _FileBackend:

@@ -3,16 +3,26 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# Real images installed offline for the demo source (emoji font + CLDR names, public-domain clipart).
+APT_PACKAGES := fonts-noto-color-emoji unicode-data openclipart-png openclipart-svg
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test demo clean
+.PHONY: install sysdeps test demo clean
 
-install: $(STAMP)
+install: sysdeps $(STAMP)
+
+sysdeps:
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES))
 
 # Reinstalls when the dependency pins change. `pip check` fails the install on any conflict.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	$(BIN)/python -m pip check
+	# A data-only package (Animal-MNIST) whose metadata asks for tensorflow and scikit-learn, which it does not need:
+	# installed without them, after `pip check` has vetted the real dependency set.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps animal-mnist==0.4
 	$(BIN)/python -m components.preprocess.nltk_data
 	touch $@
 

@@ -15,7 +15,6 @@ EXIT_NOT_BUILT = 3
 
 # Stages whose implementation has not landed yet: subcommand -> what it will do.
 NOT_BUILT = {
-    "ingest": "download a URL list with img2dataset into webdataset shards in the object store",
     "train": "train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun",
     "evaluate": "zero-shot classification and retrieval of a trained model, with an HTML report",
     "compile": "write the Kubeflow pipeline YAML into pipelines/compiled/",
@@ -71,8 +70,8 @@ def _store_status(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pipelines.local import run_local
 
-    manifest = run_local(args.recipe, run_prefix=args.run_prefix, store_dir=args.store_dir,
-                         use_env_store=args.use_env_store)
+    manifest = run_local(args.recipe, url_list=args.url_list, demo_limit=args.demo_limit, run_prefix=args.run_prefix,
+                         store_dir=args.store_dir, use_env_store=args.use_env_store)
     missing = [name for name, s in manifest["stages"].items() if s["status"] == "not built"]
     print(f"run manifest: {manifest['run_prefix']}/run.json")
     if missing:
@@ -94,8 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. (Not built yet.)")
         p.set_defaults(func=_not_built)
 
+    from components.ingest import cli as ingest_cli
     from components.preprocess.cli import add_parser as add_preprocess_parser
 
+    ingest = sub.add_parser(
+        "ingest", help="download a URL list with img2dataset into webdataset shards in the object store",
+        description="Download a URL list (parquet, csv, tsv or jsonl; local or s3://) with img2dataset into "
+                    "webdataset shards under <output>/shards/, uploaded as each completes, and commit a manifest "
+                    "with success and failure counts by reason. --demo builds the list from real images installed "
+                    "offline (emoji, openclipart, Animal-MNIST), serves it on 127.0.0.1 and holds out a split.",
+    )
+    ingest_cli.add_arguments(ingest)
+    ingest.set_defaults(func=ingest_cli.run)
     add_preprocess_parser(sub)
 
     run = sub.add_parser(
@@ -105,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "manifest under the run prefix.",
     )
     run.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML (default: %(default)s)")
+    run.add_argument("--url-list", help="URL list to ingest (default: the offline demo source)")
+    run.add_argument("--demo-limit", type=int, default=1000,
+                     help="demo source: at most this many images per source (default: %(default)s)")
     run.add_argument("--run-prefix", help="s3:// or file:// prefix for the run's outputs "
                                           "(default: s3://clipline/runs/<recipe>-<time>)")
     run.add_argument("--store-dir", default=DEFAULT_STORE_DIR, help="embedded store state (default: %(default)s)")

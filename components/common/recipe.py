@@ -28,6 +28,18 @@ class ModelSpec(Config):
             raise ValueError("give exactly one of 'name' (an open_clip config name) or 'config' (an inline config)")
         return self
 
+    def native_image_size(self) -> int:
+        """The image side the model is built for (the finetune stage's default)."""
+        config = self.config
+        if config is None:
+            import open_clip  # only for named configs: importing it costs torch's start-up
+
+            config = open_clip.get_model_config(self.name)
+            if config is None:
+                raise ValueError(f"model.name: {self.name!r} is not an open_clip model config")
+        size = config["vision_cfg"]["image_size"]
+        return size if isinstance(size, int) else size[0]
+
 
 class SigLipSettings(Config):
     init_logit_scale: float = Field(math.log(10.0), ge=0.0, le=math.log(100.0))
@@ -168,6 +180,11 @@ class Recipe(Config):
 
     def lr(self, stage: Stage) -> float:
         return stage.base_lr * self.batch_size / 256
+
+    def resolutions(self) -> tuple[int, ...]:
+        """Every image side some stage trains at: what preprocess stores per sample."""
+        native = self.model.native_image_size()
+        return tuple(sorted({stage.image.size or native for stage in self.stages}))
 
 
 def load_recipe(path: str | Path) -> Recipe:

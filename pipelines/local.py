@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from components.common import embedded_store, store
+from components.common.env import temporarily_set
 from components.common.manifest import write_manifest
 from components.common.recipe import Recipe, load_recipe
 
@@ -24,28 +25,13 @@ DEMO_INGEST = {"image_size": 64, "number_sample_per_shard": 500}
 
 
 @contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the block and restore the previous values afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
 def object_store(store_dir: Path, use_env: bool) -> Iterator[str]:
     """The store a run writes to: the one in the environment, or an embedded server for the run's duration."""
     if use_env:
         store.S3Settings.from_env()  # fail early, naming the missing variables
         yield os.environ["AWS_ENDPOINT_URL"]
         return
-    with embedded_store.running(store_dir) as server, environment(server.env()):
+    with embedded_store.running(store_dir) as server, temporarily_set(server.env()):
         log.info("embedded S3 store at %s (data in %s)", server.endpoint, server.state_dir)
         yield server.endpoint
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from components.common.env import temporarily_set
 from components.ingest.options import IngestOptions
 from components.ingest.shard_committer import IMAGE_EXT, SHARD_DIGITS
 from components.ingest.url_list import CAPTION, URL
@@ -26,7 +27,7 @@ def download(url_list: Path, output_dir: Path, options: IngestOptions, processes
     # Worker processes are spawned inside download() and inherit this: OpenCV then refuses to decode an image over
     # the limit from its header, before allocating its pixels (img2dataset's own area check runs after decoding).
     env = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(options.max_image_pixels)}
-    with _environment(env), _restore_sigint(), _stdout_to_stderr():
+    with temporarily_set(env), _restore_sigint(), _stdout_to_stderr():
         try:
             img2dataset.download(
                 url_list=str(url_list),
@@ -62,20 +63,6 @@ def download(url_list: Path, output_dir: Path, options: IngestOptions, processes
             if exc.code in (0, None):
                 raise KeyboardInterrupt("img2dataset interrupted") from None
             raise
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager

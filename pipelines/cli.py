@@ -68,10 +68,21 @@ def _store_status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from components.common.manifest import ManifestError
+    from components.ingest.demo_source import SourceUnavailable
+    from components.ingest.ingest import IngestError
+    from components.ingest.url_list import UrlListError
+    from components.preprocess.errors import PreprocessError
+    from components.preprocess.nltk_data import NltkDataError
     from pipelines.local import run_local
 
-    manifest = run_local(args.recipe, url_list=args.url_list, demo_limit=args.demo_limit, run_prefix=args.run_prefix,
-                         store_dir=args.store_dir, use_env_store=args.use_env_store)
+    stage_errors = (IngestError, UrlListError, SourceUnavailable, PreprocessError, NltkDataError, ManifestError)
+    try:
+        manifest = run_local(args.recipe, url_list=args.url_list, demo_limit=args.demo_limit,
+                             run_prefix=args.run_prefix, store_dir=args.store_dir, use_env_store=args.use_env_store)
+    except stage_errors as exc:
+        print(f"clipline run: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     missing = [name for name, s in manifest["stages"].items() if s["status"] == "not built"]
     print(f"run manifest: {manifest['run_prefix']}/run.json")
     if missing:

@@ -125,3 +125,10 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_run_reports_a_bad_url_list_clearly(s3_server, s3_prefix, tmp_path):
+    missing = tmp_path / "nowhere.parquet"
+    result = clipline("run", "--use-env-store", "--run-prefix", s3_prefix, "--url-list", str(missing))
+    assert result.returncode == 1
+    assert "nowhere.parquet" in result.stderr and "Traceback" not in result.stderr

@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # Real images installed offline for the demo source (emoji font + CLDR names, public-domain clipart).
 APT_PACKAGES := fonts-noto-color-emoji unicode-data openclipart-png openclipart-svg
+# Headless browser: a test renders the evaluation report the way a person sees it.
+APT_PACKAGES += chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install sysdeps test demo clean

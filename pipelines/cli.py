@@ -16,7 +16,6 @@ EXIT_NOT_BUILT = 3
 # Stages whose implementation has not landed yet: subcommand -> what it will do.
 NOT_BUILT = {
     "train": "train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun",
-    "evaluate": "zero-shot classification and retrieval of a trained model, with an HTML report",
     "compile": "write the Kubeflow pipeline YAML into pipelines/compiled/",
 }
 
@@ -117,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     ingest_cli.add_arguments(ingest)
     ingest.set_defaults(func=ingest_cli.run)
     add_preprocess_parser(sub)
+    from components.evaluate import cli as evaluate_cli
+
+    evaluate = sub.add_parser(
+        "evaluate", help="zero-shot classification and retrieval of a model, with metrics.json",
+        description="Evaluate an open_clip model (a config name, an inline JSON config or a .json file, plus a "
+                    "checkpoint, ours or open_clip_train's) on datasets in CLIP_benchmark's webdataset layout: "
+                    "zero-shot classification (acc1, acc5, mean per-class recall) and retrieval (recall@1/5/10), "
+                    "as CLIP_benchmark defines them. --write-datasets builds such datasets from the offline demo "
+                    "sources (Animal-MNIST, emoji groups and names, openclipart categories).",
+    )
+    evaluate_cli.add_arguments(evaluate)
+    evaluate.set_defaults(func=evaluate_cli.run)
 
     run = sub.add_parser(
         "run", help="run the whole pipeline locally with an embedded S3 store",

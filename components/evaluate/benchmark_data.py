@@ -1,0 +1,372 @@
+"""Benchmark datasets in CLIP_benchmark's webdataset layout: read them streaming, write them atomically.
+
+    <dataset>/classnames.txt                            one class name per line (classification)
+    <dataset>/zeroshot_classification_templates.txt     one prompt per line, with {c} for the class name
+    <dataset>/dataset_type.txt                          "retrieval" for retrieval datasets (absent: classification)
+    <dataset>/<split>/nshards.txt                       number of shards
+    <dataset>/<split>/0.tar, 1.tar, ...                 per sample: an image (.webp, .png or .jpg) and either
+                                                        .cls (integer label) or .txt (captions, one per line)
+
+The dataset is a local path, file:// or s3:// prefix. Shards are streamed with webdataset over the object store.
+Samples are decoded here from their raw bytes by extension (image, integer, text) and nothing else: a shard is data,
+never code, so no member is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+from PIL import Image
+
+from components.common import store
+
+Task = Literal["zeroshot_classification", "zeroshot_retrieval"]
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+DATASET_TYPE = "dataset_type.txt"
+NSHARDS = "nshards.txt"
+IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
+log = logging.getLogger(__name__)
+
+
+class BenchmarkDataError(ValueError):
+    """A benchmark dataset is missing a file or holds something it should not; the message names which."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    uri: str
+    name: str
+    task: Task
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    shards: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    image: Image.Image
+    label: int | None  # classification
+    captions: tuple[str, ...]  # retrieval
+
+
+@dataclass(frozen=True)
+class NewSample:
+    """A sample to write: encoded image bytes and either a label index or captions."""
+
+    key: str
+    image: bytes
+    image_ext: str
+    label: int | None = None
+    captions: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_lines(uri: str, what: str) -> tuple[str, ...]:
+    try:
+        text = store.get_bytes(uri).decode("utf-8")
+    except store.ObjectNotFound:
+        raise BenchmarkDataError(f"{what}: {uri} is missing") from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def open_benchmark(uri: str, split: str = "test") -> Benchmark:
+    """Read and check a dataset's metadata (no shard is opened yet)."""
+    uri = uri.rstrip("/")
+    name = uri.rsplit("/", 1)[-1]
+    is_retrieval = store.exists(store.join(uri, DATASET_TYPE)) and \
+        _read_lines(store.join(uri, DATASET_TYPE), "dataset type") == ("retrieval",)
+    classnames: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
+    if not is_retrieval:
+        classnames = _read_lines(store.join(uri, CLASSNAMES), f"classification dataset {name} needs {CLASSNAMES}")
+        templates = _read_lines(store.join(uri, TEMPLATES), f"classification dataset {name} needs {TEMPLATES}")
+        if not classnames:
+            raise BenchmarkDataError(f"{store.join(uri, CLASSNAMES)} lists no class")
+        bad = [t for t in templates if "{c}" not in t]
+        if not templates or bad:
+            raise BenchmarkDataError(f"{store.join(uri, TEMPLATES)}: every template needs {{c}} (bad: {bad[:3]})")
+    split_uri = store.join(uri, split)
+    declared = _read_lines(store.join(split_uri, NSHARDS), f"dataset {name} split {split!r} needs {NSHARDS}")
+    try:
+        nshards = int(declared[0]) if len(declared) == 1 else -1
+    except ValueError:
+        nshards = -1
+    if nshards < 1:
+        raise BenchmarkDataError(f"{store.join(split_uri, NSHARDS)} must hold one positive integer, got {declared}")
+    shards = tuple(store.join(split_uri, f"{i}.tar") for i in range(nshards))
+    present = {o.uri.rsplit("/", 1)[-1] for o in store.list_objects(split_uri + "/") if o.uri.endswith(".tar")}
+    missing = [s for s in shards if s.rsplit("/", 1)[-1] not in present]
+    if missing or len(present) != nshards:
+        raise BenchmarkDataError(f"{store.join(split_uri, NSHARDS)} says {nshards} shards, but {split_uri} holds "
+                                 f"{len(present)} .tar files ({sorted(present)[:5]}); missing: {missing[:5]}")
+    task: Task = "zeroshot_retrieval" if is_retrieval else "zeroshot_classification"
+    return Benchmark(uri=uri, name=name, task=task, classnames=classnames, templates=templates, shards=shards)
+
+
+def iter_samples(bench: Benchmark) -> Iterator[Sample]:
+    """Stream the samples shard by shard, in order, checking each one."""
+    import webdataset as wds
+
+    store.register_webdataset_scheme()
+    for shard in bench.shards:
+        count = 0
+        for raw in wds.WebDataset(shard, shardshuffle=False):
+            yield _decode(bench, shard, raw)
+            count += 1
+        if count == 0:
+            raise BenchmarkDataError(f"shard {shard} of dataset {bench.name} is empty")
+
+
+def _decode(bench: Benchmark, shard: str, raw: dict) -> Sample:
+    key = raw["__key__"]
+    where = f"sample {key!r} in {shard}"
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        raise BenchmarkDataError(f"{where} has no image (.{', .'.join(IMAGE_EXTENSIONS)}); it has {sorted(raw)}")
+    try:
+        image = Image.open(io.BytesIO(raw[ext]))
+        image = image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad sample
+        raise BenchmarkDataError(f"{where}: cannot decode its .{ext} image: {exc}") from None
+    if bench.task == "zeroshot_classification":
+        if "cls" not in raw:
+            raise BenchmarkDataError(f"{where} has no .cls label")
+        try:
+            label = int(raw["cls"].decode().strip())
+        except ValueError:
+            raise BenchmarkDataError(f"{where}: .cls is not an integer: {raw['cls'][:20]!r}") from None
+        if not 0 <= label < len(bench.classnames):
+            raise BenchmarkDataError(f"{where}: label {label} out of range for {len(bench.classnames)} classes")
+        return Sample(key=key, image=image, label=label, captions=())
+    if "txt" not in raw:
+        raise BenchmarkDataError(f"{where} has no .txt captions")
+    captions = tuple(c.strip() for c in raw["txt"].decode("utf-8").splitlines() if c.strip())
+    if not captions:
+        raise BenchmarkDataError(f"{where}: .txt holds no caption")
+    return Sample(key=key, image=image, label=None, captions=captions)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_benchmark(
+    uri: str, samples: Iterable[NewSample], *, task: Task, classnames: Iterable[str] = (),
+    templates: Iterable[str] = (), split: str = "test", shard_size: int = 1000,
+) -> dict:
+    """Write a dataset; returns {"uri", "task", "samples", "shards"}.
+
+    Shards go first and nshards.txt last, so a reader that finds nshards.txt finds every shard it names."""
+    uri = uri.rstrip("/")
+    classnames, templates = tuple(classnames), tuple(templates)
+    if task == "zeroshot_classification" and (not classnames or not templates):
+        raise BenchmarkDataError(f"classification dataset {uri} needs class names and templates")
+    store.ensure_bucket(uri)
+    count, shard_index = 0, 0
+    with tempfile.TemporaryDirectory(prefix="clipline-bench-") as tmp:
+        batch: list[NewSample] = []
+
+        def flush() -> None:
+            nonlocal shard_index
+            path = Path(tmp) / f"{shard_index}.tar"
+            _write_tar(path, batch)
+            store.put_file(store.join(uri, split, f"{shard_index}.tar"), path)
+            path.unlink()
+            shard_index += 1
+            batch.clear()
+
+        for sample in samples:
+            _check_new(sample, task, len(classnames))
+            batch.append(sample)
+            count += 1
+            if len(batch) == shard_size:
+                flush()
+        if batch:
+            flush()
+    if count == 0:
+        raise BenchmarkDataError(f"no samples to write to {uri}")
+    if task == "zeroshot_classification":
+        store.put_bytes(store.join(uri, CLASSNAMES), ("\n".join(classnames) + "\n").encode())
+        store.put_bytes(store.join(uri, TEMPLATES), ("\n".join(templates) + "\n").encode())
+    else:
+        store.put_bytes(store.join(uri, DATASET_TYPE), b"retrieval\n")
+    store.put_bytes(store.join(uri, split, NSHARDS), f"{shard_index}\n".encode())
+    return {"uri": uri, "task": task, "samples": count, "shards": shard_index}
+
+
+def _check_new(sample: NewSample, task: Task, num_classes: int) -> None:
+    if "." in sample.key or "/" in sample.key:
+        raise BenchmarkDataError(f"sample key {sample.key!r} may hold no '.' or '/' (webdataset splits on them)")
+    if task == "zeroshot_classification" and not (sample.label is not None and 0 <= sample.label < num_classes):
+        raise BenchmarkDataError(f"sample {sample.key!r}: label {sample.label} out of range for {num_classes} classes")
+    if task == "zeroshot_retrieval" and not sample.captions:
+        raise BenchmarkDataError(f"sample {sample.key!r} has no caption")
+
+
+def _write_tar(path: Path, samples: list[NewSample]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            members = {s.image_ext: s.image}
+            if s.label is not None:
+                members["cls"] = str(s.label).encode()
+            if s.captions:
+                members["txt"] = "\n".join(c.replace("\n", " ") for c in s.captions).encode()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The offline benchmarks: the demo's held-out split (disjoint from what ingest_demo trains on), in this layout
+
+# Prompts per source, written as the dataset's zeroshot_classification_templates.txt.
+DEMO_TEMPLATES = {
+    "animal_mnist": ("a photo of a {c}.", "a silhouette of a {c}.", "a drawing of a {c}.",
+                     "a black and white picture of a {c}.", "the shape of a {c}."),
+    "emoji_groups": ("an emoji of {c}.", "{c} emoji.", "an icon of {c}.", "a picture of {c}."),
+    "openclipart": ("a drawing of {c}.", "clip art of {c}.", "an illustration of {c}.", "a picture of {c}."),
+}
+HELDOUT_COLUMNS = ("source", "label", "group", "caption", "image")
+
+
+def benchmarks_from_heldout(demo_prefix: str, output_prefix: str) -> dict[str, dict]:
+    """Write the benchmarks from the held-out split that ``clipline ingest --demo`` published under ``demo_prefix``."""
+    import pandas as pd
+
+    from components.ingest.demo import HELDOUT
+
+    with tempfile.TemporaryDirectory(prefix="clipline-heldout-") as tmp:
+        parquet, images = Path(tmp) / "heldout.parquet", Path(tmp) / "images.tar"
+        for uri, path in ((store.join(demo_prefix, HELDOUT, "heldout.parquet"), parquet),
+                          (store.join(demo_prefix, HELDOUT, "images.tar"), images)):
+            try:
+                store.get_file(uri, path)
+            except store.ObjectNotFound:
+                raise BenchmarkDataError(f"no demo held-out split at {demo_prefix}: {uri} is missing "
+                                         "(run `clipline ingest --demo` first)") from None
+        table = pd.read_parquet(parquet)
+        missing = [c for c in HELDOUT_COLUMNS if c not in table.columns]
+        if missing:
+            raise BenchmarkDataError(f"{demo_prefix}/{HELDOUT}/heldout.parquet lacks columns {missing}")
+        with tarfile.open(images) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    absent = sorted(set(table["image"]) - set(files))
+    if absent:
+        raise BenchmarkDataError(f"{demo_prefix}/{HELDOUT}/images.tar lacks {len(absent)} images, e.g. {absent[:3]}")
+    rows = table[list(HELDOUT_COLUMNS)].to_dict("records")
+    return write_demo_benchmarks(rows, files, output_prefix)
+
+
+def benchmarks_from_sources(
+    output_prefix: str, *, seed: int = 0, limit: int | None = None, heldout_fraction: float = 0.1,
+    sources: Iterable[str] | None = None,
+) -> dict[str, dict]:
+    """Write the benchmarks straight from the installed demo sources, for when no ingest ran.
+
+    Same held-out split as ``ingest_demo`` with the same seed, limit and fraction, so the images are the ones
+    a model trained on that demo never saw."""
+    import zlib
+
+    import numpy as np
+
+    from components.ingest.demo import split_source
+    from components.ingest.demo_source import SOURCES, SourceUnavailable
+
+    rows, files = [], {}
+    with tempfile.TemporaryDirectory(prefix="clipline-heldout-") as tmp:
+        for source in sources or SOURCES:
+            try:
+                items = SOURCES[source](seed)
+            except SourceUnavailable as exc:
+                log.warning("benchmark source skipped: %s", exc)
+                continue
+            # The generator must be derived exactly as build_demo derives it, or the split would differ.
+            rng = np.random.default_rng([seed, zlib.crc32(source.encode())])
+            _, heldout = split_source(items, limit=limit, heldout_fraction=heldout_fraction, rng=rng)
+            for item in heldout:
+                path = Path(tmp) / item.name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                item.write(path)
+                files[item.name] = path.read_bytes()
+                rows.append({"source": item.source, "label": item.label, "group": item.group,
+                             "caption": item.caption, "image": item.name})
+    if not rows:
+        raise BenchmarkDataError("no demo source is installed, so there is nothing to build benchmarks from")
+    return write_demo_benchmarks(rows, files, output_prefix)
+
+
+def write_demo_benchmarks(rows: list[dict], files: dict[str, bytes], output_prefix: str) -> dict[str, dict]:
+    """One dataset per task the held-out rows support; returns name -> what write_benchmark returned.
+
+    animal_mnist   classification, the 10 animals
+    emoji_groups   classification by emoji group (Smileys & Emotion, Flags, ...)
+    emoji_names    retrieval: each emoji with its CLDR name and its demo caption as captions
+    openclipart    classification by top-level category (the uncategorised "unsorted" ones left out)"""
+    from components.ingest.demo_source import ANIMAL_CLASSES
+
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row)
+    out: dict[str, dict] = {}
+
+    def classification(name: str, chosen: list[dict], classnames: tuple[str, ...], class_of) -> None:
+        if not chosen:
+            return
+        index = {c: i for i, c in enumerate(classnames)}
+        samples = (NewSample(key=f"{i:06d}", image=files[r["image"]], image_ext=_ext(r["image"]),
+                             label=index[class_of(r)]) for i, r in enumerate(chosen))
+        out[name] = write_benchmark(store.join(output_prefix, name), samples, task="zeroshot_classification",
+                                    classnames=classnames, templates=DEMO_TEMPLATES[name])
+
+    classification("animal_mnist", by_source.get("animal_mnist", []), ANIMAL_CLASSES, lambda r: r["label"])
+    emoji = by_source.get("emoji", [])
+    groups = tuple(sorted({r["group"].lower() for r in emoji}))
+    classification("emoji_groups", emoji, groups, lambda r: r["group"].lower())
+    clipart = [r for r in by_source.get("openclipart", []) if r["group"] != "unsorted"]
+    categories = tuple(sorted({_readable(r["group"]) for r in clipart}))
+    classification("openclipart", clipart, categories, lambda r: _readable(r["group"]))
+    if emoji:
+        names = _emoji_names()
+        samples = (NewSample(key=f"{i:06d}", image=files[r["image"]], image_ext=_ext(r["image"]),
+                             captions=tuple(dict.fromkeys(c for c in (names.get(r["image"]), r["caption"]) if c)))
+                   for i, r in enumerate(emoji))
+        out["emoji_names"] = write_benchmark(store.join(output_prefix, "emoji_names"), samples,
+                                             task="zeroshot_retrieval")
+    return out
+
+
+def _ext(name: str) -> str:
+    ext = name.rsplit(".", 1)[-1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise BenchmarkDataError(f"{name}: not a .{', .'.join(IMAGE_EXTENSIONS)} image")
+    return ext
+
+
+def _readable(category: str) -> str:
+    return category.replace("_", " ")
+
+
+def _emoji_names() -> dict[str, str]:
+    """Image name (as the emoji source names its files) -> the emoji's CLDR name, from Unicode's emoji-test.txt."""
+    from components.ingest.demo_source import _EMOJI_LINE, EMOJI_TEST
+
+    if not EMOJI_TEST.is_file():
+        return {}
+    names = {}
+    for line in EMOJI_TEST.read_text(encoding="utf-8").splitlines():
+        if m := _EMOJI_LINE.match(line):
+            codepoints = [int(c, 16) for c in m.group(1).split()]
+            names[f"emoji/{'_'.join(f'{c:x}' for c in codepoints)}.png"] = m.group(2).strip()
+    return names

@@ -1,0 +1,263 @@
+"""The evaluate stage: metric parity with CLIP_benchmark, known answers, real end-to-end runs, bad inputs.
+
+Parity reference: clip-benchmark==1.6.2 cannot be a test dependency (it pulls transformers, pycocoevalcap,
+pycocotools and scikit-learn), so the reference below is CLIP_benchmark's own computation written out separately
+from its definitions (clip_benchmark/metrics/zeroshot_classification.py: zero_shot_classifier, accuracy, and
+sklearn's balanced_accuracy_score; zeroshot_retrieval.py: recall_at_k with the one-hot top-k tensor, batchify, > 0).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from components.common import store
+from components.evaluate import metrics as M
+from components.evaluate.benchmark_data import (
+    BenchmarkDataError, NewSample, benchmarks_from_heldout, benchmarks_from_sources, iter_samples, open_benchmark,
+    write_benchmark,
+)
+from components.evaluate.evaluate import EvaluateError, evaluate
+
+TINY = {"embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference: CLIP_benchmark's definitions
+
+
+def ref_classifier(class_embeddings: list[torch.Tensor]) -> torch.Tensor:
+    weights = []
+    for emb in class_embeddings:
+        e = F.normalize(emb, dim=-1).mean(dim=0)
+        e /= e.norm()
+        weights.append(e)
+    return torch.stack(weights, dim=1)
+
+
+def ref_accuracy(output, target, topk=(1,)):
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    n = len(target)
+    # .item() where CLIP_benchmark has float(...numpy()): numpy 2.4 no longer converts a 1-element array to float.
+    return [correct[:k].reshape(-1).float().sum(0, keepdim=True).item() / n for k in topk]
+
+
+def ref_balanced_accuracy(target: np.ndarray, pred: np.ndarray) -> float:
+    # sklearn.metrics.balanced_accuracy_score: per-class recall from the confusion matrix, classes without
+    # support dropped, averaged.
+    labels = np.unique(np.concatenate([target, pred]))
+    recalls = [np.mean(pred[target == c] == c) for c in labels if np.any(target == c)]
+    return float(np.mean(recalls))
+
+
+def ref_recall_at_k(scores, positive_pairs, k):
+    nb_texts, nb_images = scores.shape
+    topk_indices = torch.topk(scores, k, dim=1)[1]
+    nb_positive = positive_pairs.sum(dim=1)
+    topk_indices_onehot = torch.nn.functional.one_hot(topk_indices, num_classes=nb_images)
+    positive_pairs_reshaped = positive_pairs.view(nb_texts, 1, nb_images)
+    nb_true_positive = (topk_indices_onehot * positive_pairs_reshaped).sum(dim=(1, 2))
+    return nb_true_positive / nb_positive
+
+
+def ref_batchify(func, X, Y, batch_size, *args, **kwargs):
+    return torch.cat([func(X[s:s + batch_size], Y[s:s + batch_size], *args, **kwargs)
+                      for s in range(0, len(X), batch_size)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metric parity and known answers
+
+
+def test_classification_matches_clip_benchmark():
+    g = torch.Generator().manual_seed(0)
+    classes, dim, n = 12, 32, 300
+    per_class = [torch.randn(4, dim, generator=g) for _ in range(classes)]
+    images = torch.randn(n, dim, generator=g)
+    target = torch.randint(0, classes, (n,), generator=g)
+    classifier = M.zeroshot_classifier(per_class)
+    torch.testing.assert_close(classifier, ref_classifier(per_class))
+    logits = M.classification_logits(images, classifier)
+    torch.testing.assert_close(logits, 100.0 * F.normalize(images, dim=-1) @ ref_classifier(per_class))
+    got = M.classification_metrics(logits, target)["metrics"]
+    acc1, acc5 = ref_accuracy(logits, target, topk=(1, 5))
+    assert got["acc1"] == pytest.approx(acc1) and got["acc5"] == pytest.approx(acc5)
+    assert got["mean_per_class_recall"] == pytest.approx(
+        ref_balanced_accuracy(target.numpy(), logits.argmax(1).numpy()))
+    # Fewer than 5 classes: no acc5, as in CLIP_benchmark.
+    assert set(M.classification_metrics(logits[:, :4], target % 4)["metrics"]) == {"acc1", "mean_per_class_recall"}
+
+
+def test_retrieval_matches_clip_benchmark_with_several_captions_per_image():
+    g = torch.Generator().manual_seed(1)
+    num_images, dim = 40, 16
+    counts = torch.randint(1, 4, (num_images,), generator=g)
+    text_image = torch.repeat_interleave(torch.arange(num_images), counts)
+    images = torch.randn(num_images, dim, generator=g)
+    texts = images[text_image] + 1.5 * torch.randn(len(text_image), dim, generator=g)  # related, but noisy
+    got = M.retrieval_metrics(images, texts, text_image)
+    scores = F.normalize(texts, dim=-1) @ F.normalize(images, dim=-1).T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), text_image] = True
+    for k in (1, 5, 10):
+        image_ref = (ref_batchify(ref_recall_at_k, scores, positive, 7, k=k) > 0).float().mean().item()
+        text_ref = (ref_batchify(ref_recall_at_k, scores.T, positive.T, 7, k=k) > 0).float().mean().item()
+        assert got[f"image_retrieval_recall@{k}"] == pytest.approx(image_ref)
+        assert got[f"text_retrieval_recall@{k}"] == pytest.approx(text_ref)
+    assert 0 < got["text_retrieval_recall@1"] < 1  # the case is not trivial
+
+
+def test_known_answer_and_shuffled_labels_near_chance():
+    g = torch.Generator().manual_seed(2)
+    classes, dim, n = 10, 64, 2000
+    directions = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
+    per_class = [directions[c] + 0.05 * torch.randn(3, dim, generator=g) for c in range(classes)]
+    target = torch.randint(0, classes, (n,), generator=g)
+    images = directions[target] + 0.05 * torch.randn(n, dim, generator=g)
+    logits = M.classification_logits(images, M.zeroshot_classifier(per_class))
+    right = M.classification_metrics(logits, target)["metrics"]
+    assert right["acc1"] == 1.0 and right["mean_per_class_recall"] == 1.0 and right["acc5"] == 1.0
+    shuffled = target[torch.randperm(n, generator=g)]
+    wrong = M.classification_metrics(logits, shuffled)["metrics"]
+    # Chance is 1/10; the standard error at n=2000 is 0.0067, so 0.04 is 6 standard errors.
+    assert abs(wrong["acc1"] - 0.1) < 0.04 and abs(wrong["acc5"] - 0.5) < 0.07
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end with a real tiny open_clip model and real offline data
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tiny_checkpoint(prefix: str, config: dict = TINY) -> str:
+    """A checkpoint as open_clip_train writes it: {"state_dict": ...} with DistributedDataParallel's prefixes."""
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**config)
+    buf = io.BytesIO()
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, buf)
+    uri = store.join(prefix, "model", "epoch_1.pt")
+    store.ensure_bucket(uri)
+    store.put_bytes(uri, buf.getvalue())
+    return uri
+
+
+def test_evaluate_end_to_end(any_prefix):
+    written = benchmarks_from_sources(store.join(any_prefix, "bench"), limit=500, heldout_fraction=0.1,
+                                      sources=["animal_mnist"])
+    assert written["animal_mnist"]["samples"] == 50  # 10 classes x 5 held-out images
+    captions = [("a red square", "red"), ("a green square",), ("a blue square", "blue", "azure"), ("black",)] * 3
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)] * 3
+    retrieval = write_benchmark(
+        store.join(any_prefix, "bench", "squares"), task="zeroshot_retrieval", shard_size=5,
+        samples=[NewSample(f"{i:03d}", _png(c), "png", captions=cap) for i, (c, cap) in enumerate(zip(colors, captions))])
+    assert retrieval["shards"] == 3
+    checkpoint = _tiny_checkpoint(any_prefix)
+
+    doc = evaluate(json.dumps(TINY), [written["animal_mnist"]["uri"], retrieval["uri"]], store.join(any_prefix, "eval"),
+                   checkpoint=checkpoint, batch_size=16, device="cpu")
+
+    assert json.loads(store.get_bytes(store.join(any_prefix, "eval", "metrics.json"))) == doc
+    assert doc["model"] == {"name_or_config": json.dumps(TINY), "checkpoint": checkpoint}
+    assert any("16 tokens" in note and "full context length" in note for note in doc["notes"])
+    cls = doc["datasets"]["animal_mnist"]
+    assert cls["task"] == "zeroshot_classification" and cls["num_samples"] == 50
+    assert set(cls["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert all(0.0 <= v <= 1.0 for v in cls["metrics"].values())
+    assert cls["classnames"][0] == "bear" and len(cls["per_class_recall"]) == 10
+    assert np.array(cls["confusion_matrix"]).sum() == 50 and np.array(cls["confusion_matrix"]).shape == (10, 10)
+    assert len(cls["examples"]) == 8 and len(cls["examples"][0]["top"]) == 5
+    thumb = Image.open(io.BytesIO(__import__("base64").b64decode(cls["examples"][0]["image_png_base64"])))
+    assert max(thumb.size) <= 64
+    ret = doc["datasets"]["squares"]
+    assert ret["task"] == "zeroshot_retrieval" and ret["num_images"] == 12 and ret["num_texts"] == 21
+    assert set(ret["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert ret["metrics"]["image_retrieval_recall@10"] >= ret["metrics"]["image_retrieval_recall@1"]
+    assert len(ret["examples"]) == 8 and ret["examples"][2]["captions"] == ["a blue square", "blue", "azure"]
+    assert len(ret["examples"][0]["top_captions"]) == 5
+    # The report sits next to the metrics and shows them (percent, one decimal).
+    html = store.get_bytes(store.join(any_prefix, "eval", "report.html")).decode()
+    assert f"{100 * cls['metrics']['acc1']:.1f}" in html and "animal_mnist" in html and "squares" in html
+    assert "animal_mnist" in store.get_bytes(store.join(any_prefix, "eval", "summary.md")).decode()
+
+
+def test_benchmarks_from_the_published_heldout_split(tmp_path):
+    from components.ingest.demo_source import animal_mnist_items
+
+    items = animal_mnist_items()[:12]
+    demo = tmp_path / "demo"
+    (demo / "heldout").mkdir(parents=True)
+    with tarfile.open(demo / "heldout" / "images.tar", "w") as tar:
+        for item in items:
+            item.write(tmp_path / "img.png")
+            tar.add(tmp_path / "img.png", arcname=item.name)
+    pd.DataFrame({"url": ["http://x"] * len(items), "caption": [i.caption for i in items],
+                  "source": [i.source for i in items], "label": [i.label for i in items],
+                  "group": [i.group for i in items], "path": ["/gone"] * len(items),
+                  "image": [i.name for i in items]}).to_parquet(demo / "heldout" / "heldout.parquet")
+    written = benchmarks_from_heldout(str(demo), str(tmp_path / "bench"))
+    bench = open_benchmark(written["animal_mnist"]["uri"])
+    labels = [s.label for s in iter_samples(bench)]
+    assert labels == [bench.classnames.index(i.label) for i in items]
+    with pytest.raises(BenchmarkDataError, match="ingest --demo"):
+        benchmarks_from_heldout(str(tmp_path / "nothing"), str(tmp_path / "bench2"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _tiny_classification(path) -> str:
+    samples = [NewSample(f"{i:03d}", _png((i * 40, 0, 0)), "png", label=i % 3) for i in range(6)]
+    return write_benchmark(str(path), samples, task="zeroshot_classification", classnames=("a", "b", "c"),
+                           templates=("a photo of a {c}.",), shard_size=3)["uri"]
+
+
+def test_missing_classnames_is_named(tmp_path):
+    uri = _tiny_classification(tmp_path / "ds")
+    (tmp_path / "ds" / "classnames.txt").unlink()
+    with pytest.raises(BenchmarkDataError, match="needs classnames.txt.*missing"):
+        open_benchmark(uri)
+
+
+def test_empty_shard_is_named(tmp_path):
+    uri = _tiny_classification(tmp_path / "ds")
+    with tarfile.open(tmp_path / "ds" / "test" / "1.tar", "w"):
+        pass
+    with pytest.raises(BenchmarkDataError, match=r"shard .*1\.tar of dataset ds is empty"):
+        list(iter_samples(open_benchmark(uri)))
+
+
+def test_nshards_mismatch_and_label_out_of_range_are_named(tmp_path):
+    uri = _tiny_classification(tmp_path / "ds")
+    (tmp_path / "ds" / "test" / "nshards.txt").write_text("3\n")
+    with pytest.raises(BenchmarkDataError, match="says 3 shards.*holds 2"):
+        open_benchmark(uri)
+    (tmp_path / "ds" / "test" / "nshards.txt").write_text("2\n")
+    (tmp_path / "ds" / "classnames.txt").write_text("a\nb\n")
+    with pytest.raises(BenchmarkDataError, match="label 2 out of range for 2 classes"):
+        list(iter_samples(open_benchmark(uri)))
+
+
+def test_checkpoint_for_another_architecture_is_named(tmp_path):
+    uri = _tiny_classification(tmp_path / "ds")
+    other = {**TINY, "embed_dim": 32, "vision_cfg": {**TINY["vision_cfg"], "width": 96, "patch_size": 16}}
+    checkpoint = _tiny_checkpoint(tmp_path.as_uri(), other)
+    with pytest.raises(EvaluateError, match=r"does not fit model .*embed_dim=32.*patch_size=16.*embed_dim=64"):
+        evaluate(TINY, [uri], str(tmp_path / "out"), checkpoint=checkpoint, device="cpu")
+    assert not (tmp_path / "out" / "metrics.json").exists()

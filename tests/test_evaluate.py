@@ -1,9 +1,9 @@
 """The evaluate stage: metric parity with CLIP_benchmark, known answers, real end-to-end runs, bad inputs.
 
-Parity reference: clip-benchmark==1.6.2 cannot be a test dependency (it pulls transformers, pycocoevalcap,
-pycocotools and scikit-learn), so the reference below is CLIP_benchmark's own computation written out separately
-from its definitions (clip_benchmark/metrics/zeroshot_classification.py: zero_shot_classifier, accuracy, and
-sklearn's balanced_accuracy_score; zeroshot_retrieval.py: recall_at_k with the one-hot top-k tensor, batchify, > 0).
+Parity reference: the clip-benchmark package itself (a dev dependency): its ``recall_at_k`` and ``batchify``
+for retrieval and its ``balanced_accuracy_score`` (sklearn's) for mean per-class recall. Two pieces are written out
+here from its definitions: the zero-shot classifier (``zero_shot_classifier`` needs a model and tokenizer; here the
+class embeddings are given) and ``accuracy``, which fails under numpy 2.4.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_benchmark.metrics.zeroshot_classification import balanced_accuracy_score
+from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from PIL import Image
 
 from components.common import store
@@ -34,7 +36,7 @@ TINY = {"embed_dim": 64,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference: CLIP_benchmark's definitions
+# Reference pieces written from CLIP_benchmark's definitions (the rest is imported from clip-benchmark)
 
 
 def ref_classifier(class_embeddings: list[torch.Tensor]) -> torch.Tensor:
@@ -47,34 +49,11 @@ def ref_classifier(class_embeddings: list[torch.Tensor]) -> torch.Tensor:
 
 
 def ref_accuracy(output, target, topk=(1,)):
+    """clip_benchmark's ``accuracy`` with one change: it fails under numpy 2.4 (``float`` of a 1-element array)."""
     pred = output.topk(max(topk), 1, True, True)[1].t()
     correct = pred.eq(target.view(1, -1).expand_as(pred))
     n = len(target)
-    # .item() where CLIP_benchmark has float(...numpy()): numpy 2.4 no longer converts a 1-element array to float.
     return [correct[:k].reshape(-1).float().sum(0, keepdim=True).item() / n for k in topk]
-
-
-def ref_balanced_accuracy(target: np.ndarray, pred: np.ndarray) -> float:
-    # sklearn.metrics.balanced_accuracy_score: per-class recall from the confusion matrix, classes without
-    # support dropped, averaged.
-    labels = np.unique(np.concatenate([target, pred]))
-    recalls = [np.mean(pred[target == c] == c) for c in labels if np.any(target == c)]
-    return float(np.mean(recalls))
-
-
-def ref_recall_at_k(scores, positive_pairs, k):
-    nb_texts, nb_images = scores.shape
-    topk_indices = torch.topk(scores, k, dim=1)[1]
-    nb_positive = positive_pairs.sum(dim=1)
-    topk_indices_onehot = torch.nn.functional.one_hot(topk_indices, num_classes=nb_images)
-    positive_pairs_reshaped = positive_pairs.view(nb_texts, 1, nb_images)
-    nb_true_positive = (topk_indices_onehot * positive_pairs_reshaped).sum(dim=(1, 2))
-    return nb_true_positive / nb_positive
-
-
-def ref_batchify(func, X, Y, batch_size, *args, **kwargs):
-    return torch.cat([func(X[s:s + batch_size], Y[s:s + batch_size], *args, **kwargs)
-                      for s in range(0, len(X), batch_size)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +74,7 @@ def test_classification_matches_clip_benchmark():
     acc1, acc5 = ref_accuracy(logits, target, topk=(1, 5))
     assert got["acc1"] == pytest.approx(acc1) and got["acc5"] == pytest.approx(acc5)
     assert got["mean_per_class_recall"] == pytest.approx(
-        ref_balanced_accuracy(target.numpy(), logits.argmax(1).numpy()))
+        balanced_accuracy_score(target.numpy(), logits.argmax(1).numpy()))
     # Fewer than 5 classes: no acc5, as in CLIP_benchmark.
     assert set(M.classification_metrics(logits[:, :4], target % 4)["metrics"]) == {"acc1", "mean_per_class_recall"}
 
@@ -112,8 +91,8 @@ def test_retrieval_matches_clip_benchmark_with_several_captions_per_image():
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), text_image] = True
     for k in (1, 5, 10):
-        image_ref = (ref_batchify(ref_recall_at_k, scores, positive, 7, k=k) > 0).float().mean().item()
-        text_ref = (ref_batchify(ref_recall_at_k, scores.T, positive.T, 7, k=k) > 0).float().mean().item()
+        image_ref = (batchify(recall_at_k, scores, positive, 7, "cpu", k=k) > 0).float().mean().item()
+        text_ref = (batchify(recall_at_k, scores.T, positive.T, 7, "cpu", k=k) > 0).float().mean().item()
         assert got[f"image_retrieval_recall@{k}"] == pytest.approx(image_ref)
         assert got[f"text_retrieval_recall@{k}"] == pytest.approx(text_ref)
     assert 0 < got["text_retrieval_recall@1"] < 1  # the case is not trivial

@@ -82,10 +82,10 @@ def _run(args: argparse.Namespace) -> int:
     except stage_errors as exc:
         print(f"clipline run: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    missing = [name for name, s in manifest["stages"].items() if s["status"] == "not built"]
+    pending = [f"{name} ({s['status']})" for name, s in manifest["stages"].items() if s["status"] != "done"]
     print(f"run manifest: {manifest['run_prefix']}/run.json")
-    if missing:
-        print(f"partial pipeline: stages not built yet: {', '.join(missing)}")
+    if pending:
+        print(f"partial pipeline: {', '.join(pending)}")
     return 0
 
 

@@ -360,13 +360,13 @@ def _readable(category: str) -> str:
 
 def _emoji_names() -> dict[str, str]:
     """Image name (as the emoji source names its files) -> the emoji's CLDR name, from Unicode's emoji-test.txt."""
-    from components.ingest.demo_source import _EMOJI_LINE, EMOJI_TEST
+    from components.ingest.demo_source import EMOJI_LINE, EMOJI_TEST
 
     if not EMOJI_TEST.is_file():
         return {}
     names = {}
     for line in EMOJI_TEST.read_text(encoding="utf-8").splitlines():
-        if m := _EMOJI_LINE.match(line):
+        if m := EMOJI_LINE.match(line):
             codepoints = [int(c, 16) for c in m.group(1).split()]
             names[f"emoji/{'_'.join(f'{c:x}' for c in codepoints)}.png"] = m.group(2).strip()
     return names

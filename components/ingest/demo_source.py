@@ -68,7 +68,7 @@ def _pick(templates: tuple[str, ...], key: str, seed: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Emoji
 
-_EMOJI_LINE = re.compile(r"^([0-9A-F ]+?)\s*;\s*fully-qualified\s*#\s*\S+\s+E\d+\.\d+\s+(.+)$")
+EMOJI_LINE = re.compile(r"^([0-9A-F ]+?)\s*;\s*fully-qualified\s*#\s*\S+\s+E\d+\.\d+\s+(.+)$")
 _EMOJI_TEMPLATES = ("{name}", "an emoji of {name}", "{name} emoji", "{name} icon", "{name}, {subgroup} emoji")
 EMOJI_SIZE = 109  # the Noto colour font's one bitmap strike: other sizes are rescaled bitmaps
 
@@ -83,7 +83,7 @@ def emoji_items(seed: int = 0, test_file: Path = EMOJI_TEST, font_path: Path = E
             group = line.split(":", 1)[1].strip()
         elif line.startswith("# subgroup:"):
             subgroup = line.split(":", 1)[1].strip()
-        elif m := _EMOJI_LINE.match(line):
+        elif m := EMOJI_LINE.match(line):
             codepoints = [int(c, 16) for c in m.group(1).split()]
             name = m.group(2).strip()
             # "flag: Japan" and "waving hand: medium skin tone" read better as captions without the colon.

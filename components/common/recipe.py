@@ -17,7 +17,8 @@ from pydantic import Field, model_validator
 from components.common.config import Config, load_yaml, parse_yaml
 
 class ModelSpec(Config):
-    """An open_clip model: a registered config name (built in, or shipped in configs/models/) or an inline config."""
+    """An open_clip model: a registered config name (built in, or shipped in components/common/model_configs/) or an
+    inline config."""
 
     name: str | None = None
     config: dict[str, Any] | None = None
@@ -32,11 +33,12 @@ class ModelSpec(Config):
         """The image side the model is built for (the finetune stage's default)."""
         config = self.config
         if config is None:
-            import open_clip  # only for named configs: importing it costs torch's start-up
+            from components.common.open_clip_models import model_config  # imports open_clip: only when needed
 
-            config = open_clip.get_model_config(self.name)
-            if config is None:
-                raise ValueError(f"model.name: {self.name!r} is not an open_clip model config")
+            try:
+                config = model_config(self.name)
+            except ValueError:
+                raise ValueError(f"model.name: {self.name!r} is not an open_clip model config") from None
         size = config["vision_cfg"]["image_size"]
         return size if isinstance(size, int) else size[0]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import io
 import json
 import sys
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from components.common import store
+from components.common.open_clip_models import register_inline, register_model_configs
 from components.evaluate import metrics as M
 from components.evaluate.benchmark_data import Benchmark, Sample, iter_samples, open_benchmark
 from components.evaluate.report import write_report
@@ -62,9 +62,8 @@ class LoadedModel:
 def model_name(spec: ModelSpec) -> str:
     """An open_clip model name for ``spec``: a built-in name, or an inline config (dict, JSON text or a JSON file
     path/URI) registered with open_clip under a name derived from its content."""
-    import open_clip
-
     if isinstance(spec, str) and not spec.lstrip().startswith("{") and not spec.endswith(".json"):
+        register_model_configs()  # clipline's shipped configs resolve by name too
         return spec
     if isinstance(spec, dict):
         config = spec
@@ -79,13 +78,7 @@ def model_name(spec: ModelSpec) -> str:
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in config]
     if missing:
         raise EvaluateError(f"model config lacks {missing}: {json.dumps(config)[:200]}")
-    text = json.dumps(config, sort_keys=True)
-    name = f"clipline-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
-    # open_clip only registers configs from files; the directory holds exactly this one.
-    config_dir = Path(tempfile.mkdtemp(prefix="clipline-model-config-"))
-    (config_dir / f"{name}.json").write_text(text)
-    open_clip.add_model_config(config_dir)
-    return name
+    return register_inline(config)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_registered_inline: dict[str, str] = {}
+_registered_inline: set[str] = set()
 
 
 def shipped_config_names() -> list[str]:
@@ -40,7 +40,7 @@ def register_inline(config: Mapping[str, Any]) -> str:
         config_dir = Path(tempfile.mkdtemp(prefix="clipline-model-config-"))
         (config_dir / f"{name}.json").write_text(text)
         open_clip.add_model_config(config_dir)
-        _registered_inline[name] = str(config_dir)
+        _registered_inline.add(name)
     return name
 
 

@@ -15,7 +15,6 @@ EXIT_NOT_BUILT = 3
 
 # Stages whose implementation has not landed yet: subcommand -> what it will do.
 NOT_BUILT = {
-    "train": "train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun",
     "compile": "write the Kubeflow pipeline YAML into pipelines/compiled/",
 }
 
@@ -116,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     ingest_cli.add_arguments(ingest)
     ingest.set_defaults(func=ingest_cli.run)
     add_preprocess_parser(sub)
+    from components.train import cli as train_cli
+
+    train = sub.add_parser(
+        "train", help="train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun",
+        description="Check the recipe against the job (batch divisible by the ranks, text lengths within the "
+                    "model's context, ...), then run torchrun with --nproc-per-node training processes on this "
+                    "machine: CLIPA stages in order, checkpoints under --output (resumed with --resume auto), "
+                    "log.jsonl, TensorBoard scalars, metrics.json and the exported open_clip model.",
+    )
+    train_cli.add_arguments(train)
+    train.set_defaults(func=train_cli.run)
     from components.evaluate import cli as evaluate_cli
 
     evaluate = sub.add_parser(

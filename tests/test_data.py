@@ -3,10 +3,7 @@ read from file:// and from the real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 
-import io
-import json
 import random
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,12 +12,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from components.common import datasets, store
-from components.common.manifest import write_manifest
 from components.common.recipe import parse_recipe
 from components.preprocess.syntax_mask import syntax_masked_text
 from components.train.data import Batch, DataError, stage_loader, train_loader
 from components.train.distributed import World
+from train_shards import write_train_shards
 
 SHARDS, PER_SHARD, RESOLUTIONS = 3, 20, (16, 32)
 N = SHARDS * PER_SHARD
@@ -38,41 +34,13 @@ def caption(index: int) -> str:
     return f"caption {index}: a small red fox jumps over the lazy brown dog beside a tall green tree at dawn"
 
 
-def jpeg(index: int, size: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour(index)).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
 def write_dataset(prefix: str, tmp_path: Path, corrupt: dict[int, str] | None = None) -> str:
     """Training shards + TRAIN_SHARDS manifest under ``prefix``; ``corrupt`` maps an index to "image" or "json"."""
-    corrupt = corrupt or {}
-    shards = []
-    for s in range(SHARDS):
-        path = tmp_path / f"shard-{s}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(s * PER_SHARD, (s + 1) * PER_SHARD):
-                key = datasets.sample_key(i)
-                meta = json.dumps({"index": i, "words": WORDS, "pos_order": POS_ORDER, "source_key": f"raw{i}"})
-                members = {f"{key}.{datasets.image_field(r)}": jpeg(i, r) for r in RESOLUTIONS}
-                members[f"{key}.txt"] = caption(i).encode()
-                members[f"{key}.json"] = meta.encode()
-                if corrupt.get(i) == "image":
-                    members.update({f"{key}.{datasets.image_field(r)}": b"\xff\xd8 not a jpeg" for r in RESOLUTIONS})
-                if corrupt.get(i) == "json":
-                    members[f"{key}.json"] = b'{"index": '
-                for name, data in members.items():
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        uri = store.join(prefix, f"shard-{s:05d}.tar")
-        store.put_file(uri, path)
-        shards.append({"uri": uri, "samples": PER_SHARD, "first_index": s * PER_SHARD, "sha256": ""})
-    manifest_uri = store.join(prefix, "manifest.json")
-    write_manifest(manifest_uri, datasets.TRAIN_SHARDS, {
-        "num_samples": N, "shards": shards, "resolutions": list(RESOLUTIONS), "rejected": {}, "sizes_uri": "",
-    })
-    return manifest_uri
+    return write_train_shards(
+        prefix, tmp_path, shards=SHARDS, per_shard=PER_SHARD, resolutions=RESOLUTIONS,
+        draw=lambda i, side: Image.new("RGB", (side, side), colour(i)), caption=caption,
+        words=lambda i: (WORDS, POS_ORDER), corrupt=corrupt,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,11 @@ from components.train.launch.pytorchjob import (
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "clipline-store-credentials"
+DATA, OUTPUT = "s3://clipline/run/train-data/manifest.json", "s3://clipline/run/train"
 
 
 def _job(nnodes=1, nproc=1, gpu=0, **cfg):
-    app = train("configs/demo.yaml", nnodes=nnodes, nproc_per_node=nproc, gpu=gpu)
+    app = train("configs/demo.yaml", DATA, OUTPUT, nnodes=nnodes, nproc_per_node=nproc, gpu=gpu)
     info = create_scheduler("test").submit_dryrun(app, {"env_secret": SECRET, **cfg})
     return info.request.resource
 
@@ -49,20 +50,22 @@ def test_crd_present():
 
 
 def test_component_builds_torchrun_appdef():
-    app = train("configs/demo.yaml", nnodes=2, nproc_per_node=4, gpu=4)
+    app = train("configs/demo.yaml", DATA, OUTPUT, nnodes=2, nproc_per_node=4, gpu=4)
     (role,) = app.roles
     assert role.entrypoint == "torchrun"
     assert role.num_replicas == 2
     assert "--nnodes=2" in role.args and "--nproc_per_node=4" in role.args
     i = role.args.index("-m")
-    assert role.args[i:] == ["-m", "components.train.main", "--recipe", "configs/demo.yaml"]
+    assert role.args[i:] == ["-m", "components.train.main", "--recipe", "configs/demo.yaml", "--data", DATA,
+                             "--output", OUTPUT, "--resume", "auto", "--pg-timeout-minutes=30.0"]
     assert role.resource.gpu == 4
 
 
 def test_component_resolves_under_local_cwd():
     out = subprocess.run(
         [sys.executable, "-m", "torchx.cli.main", "run", "--dryrun", "-s", "local_cwd", "--workspace", "",
-         "components/train/launch/component.py:train", "--recipe", "configs/demo.yaml"],
+         "components/train/launch/component.py:train", "--recipe", "configs/demo.yaml", "--data", DATA,
+         "--output", OUTPUT],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -80,8 +83,8 @@ def test_dryrun_single_node():
     assert not any(a.startswith("--rdzv") for a in c["command"])
 
 
-def test_dryrun_three_nodes_four_gpus():
-    job = _job(nnodes=3, nproc=4, gpu=4, gang_scheduler="volcano", queue="train", namespace="ml",
+def test_dryrun_four_nodes_four_gpus():
+    job = _job(nnodes=4, nproc=4, gpu=4, gang_scheduler="volcano", queue="train", namespace="ml",
                service_account="trainer", image_pull_secret="regcred", node_selector="gpu=a100",
                tolerations="nvidia.com/gpu:NoSchedule", priority_class="high")
     validate_pytorchjob(job)
@@ -89,16 +92,16 @@ def test_dryrun_three_nodes_four_gpus():
     assert job["metadata"]["namespace"] == "ml"
     spec = job["spec"]
     assert spec["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
-    assert spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    assert spec["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
     assert spec["nprocPerNode"] == "4"
     rp = spec["runPolicy"]
     assert rp["cleanPodPolicy"] in ("None", "Running", "All")
     assert rp["ttlSecondsAfterFinished"] > 0 and rp["backoffLimit"] >= 0
-    assert rp["schedulingPolicy"] == {"minAvailable": 3, "queue": "train", "priorityClass": "high"}
+    assert rp["schedulingPolicy"] == {"minAvailable": 4, "queue": "train", "priorityClass": "high"}
     for _, rs, c in _containers(job):
         pod = rs["template"]["spec"]
         assert c["name"] == "pytorch"
-        assert c["command"][:3] == ["torchrun", "--nnodes=3", "--nproc_per_node=4"]
+        assert c["command"][:3] == ["torchrun", "--nnodes=4", "--nproc_per_node=4"]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
         assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
@@ -145,7 +148,7 @@ def test_job_name_is_dns1035_with_suffix():
     ids=["underscore", "too-long", "two-masters", "container-renamed", "elastic-no-worker", "schema-type"],
 )
 def test_broken_jobs_fail_naming_the_rule(mutate, rule):
-    job = copy.deepcopy(_job(nnodes=3, nproc=4, gpu=4))
+    job = copy.deepcopy(_job(nnodes=4, nproc=4, gpu=4))
     validate_pytorchjob(job)
     mutate(job)
     with pytest.raises(PyTorchJobValidationError, match=rule):
@@ -225,7 +228,8 @@ def test_cli_dryrun_prints_pytorchjob(tmp_path):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), str(REPO), env.get("PYTHONPATH")]))
     out = subprocess.run(
         [sys.executable, "-m", "torchx.cli.main", "run", "--dryrun", "-s", "pytorchjob", "--workspace", "",
-         "components/train/launch/component.py:train", "--recipe", "configs/demo.yaml"],
+         "components/train/launch/component.py:train", "--recipe", "configs/demo.yaml", "--data", DATA,
+         "--output", OUTPUT],
         cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
     )
     assert out.returncode == 0, out.stderr
@@ -272,7 +276,7 @@ def test_schedule_describe_list_logs_cancel_with_fake_client(monkeypatch):
     custom, core = _FakeCustom(), _FakeCore()
     monkeypatch.setattr(s, "_custom", lambda: custom)
     monkeypatch.setattr(s, "_core", lambda: core)
-    app = train("configs/demo.yaml", nnodes=2)
+    app = train("configs/demo.yaml", DATA, OUTPUT, nnodes=2)
     app_id = s.schedule(s.submit_dryrun(app, {"namespace": "default"}))
     ns, name = app_id.split(":")
     assert ns == "default" and (ns, name) in custom.jobs

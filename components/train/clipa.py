@@ -209,8 +209,8 @@ def switch_stage(
 
     The new model is built at the new stage's image size (``image.size``, None = the config's) with its mask; the
     visual positional embedding is resized with open_clip's ``resize_pos_embed`` (bicubic, as its checkpoint loader
-    does). Everything else is copied as is (strict load). The new model is on ``model_prev``'s device and dtype
-    unless ``create_kwargs`` say otherwise.
+    does). Everything else is copied as is (strict load), and frozen parameters stay frozen. The new model is on
+    ``model_prev``'s device and dtype unless ``create_kwargs`` say otherwise.
     """
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
@@ -221,6 +221,9 @@ def switch_stage(
     resize_pos_embed(state, new)
     resize_text_pos_embed(state, new)
     new.load_state_dict(state, strict=True)
+    frozen = {name for name, p in model_prev.named_parameters() if not p.requires_grad}
+    for name, p in new.named_parameters():
+        p.requires_grad_(name not in frozen)  # e.g. a constant temperature stays constant
     return new.to(device=ref.device, dtype=ref.dtype) if "precision" not in create_kwargs else new
 
 

@@ -1,7 +1,11 @@
 """torchx component for the trainer.
 
-Locally: ``torchx run -s local_cwd components/train/launch/component.py:train --recipe configs/demo.yaml``.
+Locally: ``torchx run -s local_cwd components/train/launch/component.py:train --recipe configs/demo.yaml
+--data s3://bucket/run/train-data/manifest.json --output s3://bucket/run/train --nproc_per_node 2``.
 On Kubeflow: ``torchx run -s pytorchjob ... components/train/launch/component.py:train --recipe ... --nnodes 3``.
+
+The recipe is checked here, before anything is launched, when its file is readable from where torchx runs
+(batch divisible by the world size, text lengths within the model's context, ...): a bad value fails in seconds.
 
 The single role runs ``torchrun`` with explicit ``--nnodes``/``--nproc_per_node`` on ``components.train.main``.
 The ``pytorchjob`` scheduler re-uses the role's args after ``torchrun`` and supplies the rendezvous flags that the
@@ -9,6 +13,7 @@ training operator's injected environment (MASTER_ADDR, MASTER_PORT, ...) calls f
 """
 
 
+import os
 from typing import Dict, Optional
 
 import torchx.specs as specs
@@ -20,7 +25,13 @@ ROLE_NAME = "trainer"
 
 def train(
     recipe: str,
+    data: str,
+    output: str,
     *,
+    resume: str = "auto",
+    deterministic: bool = False,
+    max_restarts: int = 0,
+    pg_timeout_minutes: float = 30.0,
     nnodes: int = 1,
     nproc_per_node: int = 1,
     image: str = DEFAULT_IMAGE,
@@ -35,7 +46,13 @@ def train(
     """Train a CLIP model from a recipe.
 
     Args:
-        recipe: path of the training recipe (YAML) inside the image / working directory
+        recipe: path of the training recipe (YAML) inside the image / working directory, or a store URI
+        data: URI of the training data's manifest (preprocess's manifest.json)
+        output: URI prefix for checkpoints, logs, TensorBoard and the exported model
+        resume: auto (latest checkpoint under output), never, or a checkpoint URI
+        deterministic: deterministic kernels (a resumed run repeats the uninterrupted run's losses)
+        max_restarts: times torchrun restarts the ranks after a failure (each restart resumes from a checkpoint)
+        pg_timeout_minutes: how long a collective waits for a dead or slow rank
         nnodes: number of nodes (pods)
         nproc_per_node: processes per node (usually the GPU count per node)
         image: container image holding the project (ignored by local_cwd)
@@ -51,14 +68,18 @@ def train(
         raise ValueError(f"nnodes must be >= 1, got {nnodes}")
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
-    args = [f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}"]
+    _check_recipe_if_readable(recipe, nnodes * nproc_per_node)
+    args = [f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}", f"--max-restarts={max_restarts}"]
     # Locally (local_cwd) every replica runs on this host: c10d rendezvous on localhost. The pytorchjob scheduler
     # drops these rendezvous flags and uses the operator's injected PET_MASTER_ADDR/PET_MASTER_PORT/PET_NODE_RANK.
     if nnodes == 1:
         args += ["--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0"]
     else:
         args += ["--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{rdzv_port}", f"--rdzv_id={specs.macros.app_id}"]
-    args += ["-m", TRAIN_MODULE, "--recipe", recipe]
+    args += ["-m", TRAIN_MODULE, "--recipe", recipe, "--data", data, "--output", output, "--resume", resume,
+             f"--pg-timeout-minutes={pg_timeout_minutes}"]
+    if deterministic:
+        args.append("--deterministic")
     role = specs.Role(
         name=ROLE_NAME,
         image=image,
@@ -72,3 +93,15 @@ def train(
         port_map={"c10d": rdzv_port},
     )
     return specs.AppDef(name=name, roles=[role])
+
+
+def _check_recipe_if_readable(recipe: str, world_size: int) -> None:
+    """Fail before launching when the recipe is readable here and does not fit the job (ConfigError names the key).
+
+    A recipe path that exists only inside the image (a cluster launch from a laptop) is checked by the ranks."""
+    if "://" not in recipe and not os.path.isfile(recipe):
+        return
+    from components.train.main import read_recipe
+    from components.train.plan import check_recipe
+
+    check_recipe(read_recipe(recipe), world_size, source=recipe)

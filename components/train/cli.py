@@ -1,0 +1,38 @@
+"""``clipline train``: check the recipe against the job, then run the torchx component's torchrun command here.
+
+The command is the one the torchx component builds (``launch/component.py``), so a local run and a cluster run
+start the same way; on a cluster use ``torchx run -s pytorchjob`` (or the pipeline) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe YAML (a path or a store URI)")
+    p.add_argument("--data", required=True, help="the training data's manifest URI (preprocess's manifest.json)")
+    p.add_argument("--output", required=True, help="URI prefix for checkpoints, logs, TensorBoard and the model")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes (default: %(default)s)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (the latest checkpoint under --output, if any), never, or a checkpoint URI")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (exact resumes)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart the ranks this many times after a failure, resuming from the latest checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    from components.train.launch.component import train
+
+    # Builds the command and checks the recipe against the world size: a bad recipe fails before any process starts.
+    app = train(args.recipe, args.data, args.output, nproc_per_node=args.nproc_per_node, resume=args.resume,
+                deterministic=args.deterministic, max_restarts=args.max_restarts)
+    (role,) = app.roles
+    env = {**os.environ, **role.env}
+    # torchrun of this interpreter (the venv's), whether or not the venv's bin/ is on PATH
+    command = [sys.executable, "-m", "torch.distributed.run", *role.args]
+    return subprocess.run(command, env=env, check=False).returncode
+

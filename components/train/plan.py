@@ -1,0 +1,126 @@
+"""What a recipe means for one run: the model's sizes, each stage's steps and epochs, and every check that needs them.
+
+``check_recipe`` runs before any training process starts (``clipline train``, the torchx component) and again in
+each process, so a bad value fails in seconds with the key named instead of minutes later in one rank's traceback.
+``TrainPlan`` then tells the loop how many steps each stage has and where epochs begin; positions are counted in
+steps within a stage, and the objectives' epoch counter runs on across the stages (FastCLIP's gamma schedule and
+AmorLIP's lambda re-initialisation do not restart at the stage switch: the objective's state is carried over).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from components.common.config import ConfigError
+from components.common.recipe import Recipe, Stage
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    image_size: int  # the config's native image side
+    patch_size: int
+    context_length: int
+    embed_dim: int
+    config: dict  # the open_clip config the run trains (model_kwargs applied)
+
+
+def model_kwargs(recipe: Recipe) -> dict:
+    """Arguments ``open_clip.create_model`` needs beyond the config: SigLIP needs a logit bias in the model."""
+    if recipe.objective.name == "siglip":
+        return {"init_logit_bias": recipe.objective.siglip.init_logit_bias}
+    return {}
+
+
+def model_sizes(recipe: Recipe) -> ModelSizes:
+    from components.common.open_clip_models import model_config
+
+    try:
+        config = dict(model_config(recipe.model))
+    except ValueError:
+        raise ConfigError("recipe", [f"model.name: {recipe.model.name!r} is not an open_clip model config"]) from None
+    config.update(model_kwargs(recipe))
+    vision, text = config["vision_cfg"], config["text_cfg"]
+
+    def side(v):
+        return v if isinstance(v, int) else int(v[0])
+
+    return ModelSizes(
+        image_size=side(vision["image_size"]),
+        patch_size=side(vision.get("patch_size", 1)),
+        context_length=int(text.get("context_length", 77)),
+        embed_dim=int(config["embed_dim"]),
+        config=config,
+    )
+
+
+def check_recipe(recipe: Recipe, world_size: int, source: str = "recipe") -> ModelSizes:
+    """Every problem of ``recipe`` for a run on ``world_size`` ranks at once, as a ConfigError naming the keys."""
+    problems = []
+    if world_size < 1:
+        problems.append(f"world size must be >= 1, got {world_size}")
+    elif recipe.batch_size % world_size:
+        problems.append(f"batch_size: {recipe.batch_size} does not split evenly over {world_size} ranks "
+                        f"(nnodes x nproc_per_node); use a multiple of {world_size}")
+    sizes = model_sizes(recipe)
+    for i, stage in enumerate(recipe.stages):
+        key = f"stages[{i}] ({stage.name})"
+        if stage.text.length is not None and stage.text.length > sizes.context_length:
+            problems.append(f"{key}.text.length: {stage.text.length} is above the model's context length "
+                            f"{sizes.context_length}")
+        size = stage.image.size or sizes.image_size
+        if size % sizes.patch_size:
+            problems.append(f"{key}.image.size: {size} is not a multiple of the model's patch size {sizes.patch_size}")
+        if size > sizes.image_size:
+            problems.append(f"{key}.image.size: {size} is above the model's image size {sizes.image_size}; CLIPA "
+                            "stages reduce tokens")
+        if stage.samples < recipe.batch_size:
+            problems.append(f"{key}.samples: {stage.samples} is less than one global batch ({recipe.batch_size})")
+    last = recipe.stages[-1]
+    if len(recipe.stages) == 2 and (last.image.size not in (None, sizes.image_size) or last.image.mask != "none"
+                                    or (last.text.length or sizes.context_length) != sizes.context_length):
+        problems.append(f"stages[1] ({last.name}): the finetune stage trains at full tokens; leave its image and text "
+                        "settings unset")
+    if problems:
+        raise ConfigError(source, problems)
+    return sizes
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    stage: Stage
+    steps: int  # optimizer steps in this stage: samples // global batch
+    first_epoch: int  # the objectives' epoch number of this stage's epoch 0
+    epochs: int  # epochs this stage starts (the last one may be partial)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    stages: tuple[StagePlan, ...]
+    steps_per_epoch: int
+
+    @property
+    def total_epochs(self) -> int:
+        return self.stages[-1].first_epoch + self.stages[-1].epochs
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def global_step(self, stage: int, step: int) -> int:
+        """Steps done before (stage, step): the run-wide step counter used in logs and checkpoint names."""
+        return sum(s.steps for s in self.stages[:stage]) + step
+
+
+def train_plan(recipe: Recipe, steps_per_epoch: int) -> TrainPlan:
+    """Lay the stages out in steps and epochs. ``steps_per_epoch``: the loader's (epoch samples // global batch)."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    plans, first_epoch = [], 0
+    for i, stage in enumerate(recipe.stages):
+        steps = stage.samples // recipe.batch_size
+        epochs = math.ceil(steps / steps_per_epoch)
+        plans.append(StagePlan(i, stage, steps, first_epoch, epochs))
+        first_epoch += epochs
+    return TrainPlan(tuple(plans), steps_per_epoch)

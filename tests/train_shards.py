@@ -66,3 +66,40 @@ def write_train_shards(
         "sizes_uri": "",
     })
     return manifest_uri
+
+
+# A learnable toy task for trainer tests: 8 colours x 2 shapes on grey, captioned "a <colour> <shape> ...".
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
+           "purple": (150, 40, 180), "orange": (250, 140, 10), "black": (10, 10, 10), "white": (245, 245, 245)}
+SHAPES = ("square", "circle")
+
+
+def shape_class(index: int) -> tuple[str, str]:
+    names = list(COLOURS)
+    return names[index % len(names)], SHAPES[(index // len(names)) % len(SHAPES)]
+
+
+def draw_shape(index: int, side: int) -> Image.Image:
+    from PIL import ImageDraw
+
+    colour, shape = shape_class(index)
+    image = Image.new("RGB", (side, side), (128, 128, 128))
+    margin = side // 6
+    box = [margin, margin, side - margin, side - margin]
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[colour])
+    return image
+
+
+def write_shapes_dataset(prefix: str, tmp_path: Path, *, shards: int, per_shard: int,
+                         resolutions: tuple[int, ...]) -> str:
+    def caption(i: int) -> str:
+        colour, shape = shape_class(i)
+        return f"a {colour} {shape} on a grey background"
+
+    def words(i: int) -> tuple[list[str], list[int]]:
+        colour, shape = shape_class(i)
+        return ["a", colour, shape, "on", "a", "grey", "background"], [4, 2, 1, 4, 4, 2, 1]
+
+    return write_train_shards(prefix, tmp_path, shards=shards, per_shard=per_shard, resolutions=resolutions,
+                              draw=draw_shape, caption=caption, words=words)

@@ -61,8 +61,14 @@ class TrainingError(RuntimeError):
     pass
 
 
-def train(recipe: Recipe, options: RunOptions, world: World, device: torch.device) -> dict[str, Any]:
-    """Run (or finish) the recipe's stages; returns the run's metrics (also written to ``<output>/metrics.json``)."""
+@dataclass
+class Trained:
+    model: nn.Module  # the last stage's model (full tokens after a CLIPA finetune), as exported
+    metrics: dict[str, Any]  # also in <output>/metrics.json
+
+
+def train(recipe: Recipe, options: RunOptions, world: World, device: torch.device) -> Trained:
+    """Run (or finish) the recipe's stages, export the model, and return it with the run's metrics."""
     sizes = check_recipe(recipe, world.size)
     # Per-rank streams (image masks, dropout): reproducible, and different on each rank.
     torch.manual_seed(derive_seed(recipe.seed, "rank", world.rank))
@@ -116,7 +122,7 @@ def train(recipe: Recipe, options: RunOptions, world: World, device: torch.devic
         progress.event(plan.total_steps, "exported", model=metrics["model_manifest"])
         progress.upload()
         progress.close()
-    return metrics
+    return Trained(model.eval(), metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------- resume

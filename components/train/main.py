@@ -56,6 +56,18 @@ def _device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def init_process_group(device: torch.device, timeout: datetime.timedelta) -> None:
+    """NCCL on GPUs, gloo on CPUs, from torchrun's environment.
+
+    After torchrun restarts the ranks (``--max-restarts``), the new ones may meet in a store that still holds the
+    dead attempt's keys, and a rank that reads a dead peer's address fails with "connection refused". Each attempt
+    therefore uses its own key prefix."""
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(f"attempt-{attempt}",
+                            store), rank=rank, world_size=world_size, timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -70,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if distributed:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=args.pg_timeout_minutes))
+            init_process_group(device, datetime.timedelta(minutes=args.pg_timeout_minutes))
         try:
             options = RunOptions(data=args.data, output=args.output.rstrip("/"), resume=args.resume,
                                  deterministic=args.deterministic, log_every=args.log_every)

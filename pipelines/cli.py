@@ -72,12 +72,16 @@ def _run(args: argparse.Namespace) -> int:
     from components.ingest.url_list import UrlListError
     from components.preprocess.errors import PreprocessError
     from components.preprocess.nltk_data import NltkDataError
-    from pipelines.local import run_local
+    from components.evaluate.benchmark_data import BenchmarkDataError
+    from components.evaluate.evaluate import EvaluateError
+    from pipelines.local import StageError, run_local
 
-    stage_errors = (IngestError, UrlListError, SourceUnavailable, PreprocessError, NltkDataError, ManifestError)
+    stage_errors = (IngestError, UrlListError, SourceUnavailable, PreprocessError, NltkDataError, ManifestError,
+                    StageError, BenchmarkDataError, EvaluateError)
     try:
         manifest = run_local(args.recipe, url_list=args.url_list, demo_limit=args.demo_limit,
-                             run_prefix=args.run_prefix, store_dir=args.store_dir, use_env_store=args.use_env_store)
+                             run_prefix=args.run_prefix, store_dir=args.store_dir, use_env_store=args.use_env_store,
+                             nproc_per_node=args.nproc_per_node)
     except stage_errors as exc:
         print(f"clipline run: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -85,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"run manifest: {manifest['run_prefix']}/run.json")
     if pending:
         print(f"partial pipeline: {', '.join(pending)}")
+    if "local_report" in manifest:
+        print(f"report: {manifest['local_report']}")
     return 0
 
 
@@ -151,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="demo source: at most this many images per source (default: %(default)s)")
     run.add_argument("--run-prefix", help="s3:// or file:// prefix for the run's outputs "
                                           "(default: s3://clipline/runs/<recipe>-<time>)")
+    run.add_argument("--nproc-per-node", type=int, default=1,
+                     help="training processes on this machine (default: %(default)s)")
     run.add_argument("--store-dir", default=DEFAULT_STORE_DIR, help="embedded store state (default: %(default)s)")
     run.add_argument("--use-env-store", action="store_true",
                      help="use the S3 endpoint in AWS_ENDPOINT_URL instead of an embedded store")

@@ -25,14 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return launch_local(args.recipe, args.data, args.output, nproc_per_node=args.nproc_per_node, resume=args.resume,
+                        deterministic=args.deterministic, max_restarts=args.max_restarts)
+
+
+def launch_local(recipe: str, data: str, output: str, *, nproc_per_node: int = 1, resume: str = "auto",
+                 deterministic: bool = False, max_restarts: int = 0) -> int:
+    """Run the torchx component's torchrun command on this machine; returns torchrun's exit code."""
     from components.train.launch.component import train
 
     # Builds the command and checks the recipe against the world size: a bad recipe fails before any process starts.
-    app = train(args.recipe, args.data, args.output, nproc_per_node=args.nproc_per_node, resume=args.resume,
-                deterministic=args.deterministic, max_restarts=args.max_restarts)
+    app = train(recipe, data, output, nproc_per_node=nproc_per_node, resume=resume, deterministic=deterministic,
+                max_restarts=max_restarts)
     (role,) = app.roles
     env = {**os.environ, **role.env}
     # torchrun of this interpreter (the venv's), whether or not the venv's bin/ is on PATH
     command = [sys.executable, "-m", "torch.distributed.run", *role.args]
     return subprocess.run(command, env=env, check=False).returncode
-

@@ -1,0 +1,304 @@
+"""Training samples/s: clipline's trainer vs open_clip_train, and the step speed-up of CLIPA stage 1 over full tokens.
+
+    .venv/bin/python benchmarks/trainer.py [--per-source 1000] [--model tiny] [--batch 128] [--epochs 4]
+        [--workers 2] [--threads 2] [--log-every 5] [--warmup-share 0.2]
+        [--clipa-model mid] [--clipa-batch 32] [--clipa-steps 6] [--only trainer|clipa] [--json PATH]
+
+Part 1, trainer vs open_clip_train. The data is made by the real stages in this run, as in ``benchmarks/loader.py``
+(``ingest_demo`` + ``preprocess`` of the offline demo source, images stored at the model's image size, file:// URIs).
+clipline's trainer (``python -m components.train.main``) reads the training shards' manifest. open_clip_train cannot
+read their field names (``<key>.img<S>.jpg``), so the same shards are copied with each sample's ``.jpg`` (the very
+bytes of ``img<S>.jpg``: the same images at the same size) and ``.txt``; open_clip_train reads the copy as webdataset.
+Only the first shards are used, a whole number per data worker, so that every worker of open_clip_train gets whole
+batches; clipline's epoch is set to the same length (``data.epoch_samples``), so both runs take the same steps.
+
+Both runs: the same open_clip model config (``--model``: tiny is the demo's CPU CLIP, ViT 2x64 at 32 px and text
+2x64 at 16 tokens; small is ViT 4x256 at 64 px, text 4x256 at 32 tokens), full tokens, the clip loss, fp32 on the
+CPU, one process, the same global batch, lr, AdamW settings, grad clipping, data workers and OMP_NUM_THREADS.
+open_clip_train.main knows only registered model configs, so it runs as
+``python -c "import open_clip, sys; open_clip.add_model_config(DIR); from open_clip_train.main import main;
+main(sys.argv[1:])" --model NAME ...``: that IS open_clip_train.main, with the config registered first.
+The figure is samples/s over windows of --log-every steps (clipline's ``samples_per_s`` log records; open_clip_train's
+per-step times, logged every step and summed over the same windows), median over the windows after the first
+--warm-up-share of the steps. Checkpoints and epoch ends fall outside or in few windows, so the median leaves them out.
+What differs is each trainer's own work: open_clip_train applies its RandomResizedCrop to the stored images,
+clipline's loader does not (preprocess already sized them); clipline keeps its data workers between epochs.
+
+Part 2, CLIPA stage 1 vs full tokens. One training step (forward, clip loss, backward, AdamW step) of the same model
+built by ``components.train.clipa.build_stage_model`` for each setting, on random images and tokens (no data
+loading, so the figure is compute only). Stage-1 settings use half the text length, and on the image side a half
+image side, or at the full side CLIPA's grid mask, random mask (keep 0.25) or block mask (keep 0.25). The model
+(--clipa-model) is mid by default: ViT 6x384 at 64 px (patch 8, 64 tokens), text 6x384 at 32 tokens; the shipped
+clipline-ViT-B-16-CL32 also works (a name) but takes about 30 s a step at batch 8 on a 2-core CPU. Token ratio =
+(image + text tokens) / full (image + text tokens); step time = median of --clipa-steps steps after one warm-up step.
+
+The machine may be shared, so read the ratios rather than the absolute figures. Defaults take about 4 minutes on a
+2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+sys.path[:0] = [str(REPO), str(BENCHMARKS)]  # run as a script: the repo for components, benchmarks/ for loader
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+from loader import SHARD_SIZE, make_shards  # noqa: E402
+from open_clip.loss import ClipLoss  # noqa: E402
+
+from components.common import store  # noqa: E402
+from components.common.open_clip_models import model_config  # noqa: E402
+from components.common.recipe import ImageTokens, Stage, TextTokens  # noqa: E402
+from components.train.clipa import build_stage_model, token_counts  # noqa: E402
+
+MODELS = {
+    "tiny": dict(embed_dim=64,
+                 vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
+                 text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2)),
+    "small": dict(embed_dim=128,
+                  vision_cfg=dict(image_size=64, layers=4, width=256, patch_size=8, head_width=64),
+                  text_cfg=dict(context_length=32, vocab_size=49408, width=256, heads=4, layers=4)),
+    "mid": dict(embed_dim=256,
+                vision_cfg=dict(image_size=64, layers=6, width=384, patch_size=8, head_width=64),
+                text_cfg=dict(context_length=32, vocab_size=49408, width=384, heads=6, layers=6)),
+}
+OC_MODEL_NAME = "clipline-bench"
+BASE_LR, WARMUP, WEIGHT_DECAY, BETAS, EPS, GRAD_CLIP = 1e-3, 0.1, 0.2, (0.9, 0.95), 1e-6, 1.0
+
+# ------------------------------------------------------------------------------------------------ part 1: data
+
+
+def open_clip_copy(manifest_uri: str, out: Path, workers: int, image_size: int) -> tuple[str, int]:
+    """Copy whole training shards with open_clip's field names; returns (brace pattern, samples).
+
+    Only full shards, a multiple of ``workers`` of them: open_clip_train splits shards over its data workers, and a
+    worker whose shards ran out before its share of batches would end the epoch early."""
+    manifest = json.loads(store.get_bytes(manifest_uri))
+    full = [s for s in manifest["shards"] if s["samples"] == SHARD_SIZE]
+    full = full[: len(full) // max(1, workers) * max(1, workers)]
+    if not full:
+        raise SystemExit(f"need at least {max(1, workers)} full shards of {SHARD_SIZE}; raise --per-source")
+    out.mkdir(parents=True)
+    image_suffix = f".img{image_size}.jpg"
+    for i, shard in enumerate(full):
+        with tarfile.open(store.local_path(shard["uri"])) as src, tarfile.open(out / f"shard-{i:05d}.tar", "w") as dst:
+            for member in src:
+                if member.name.endswith(image_suffix):
+                    member.name = member.name[: -len(image_suffix)] + ".jpg"
+                elif not member.name.endswith(".txt"):
+                    continue
+                dst.addfile(member, src.extractfile(member))
+    return f"{out}/shard-{{00000..{len(full) - 1:05d}}}.tar", len(full) * SHARD_SIZE
+
+
+# ----------------------------------------------------------------------------------------------- part 1: runs
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def run_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> float:
+    """Run a trainer to the end, its output to ``log_path``; returns the wall seconds (start-up included)."""
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"{cmd[2]} failed ({done.returncode}); last lines of {log_path}:\n"
+                         + "\n".join(log_path.read_text().splitlines()[-30:]))
+    return time.perf_counter() - started
+
+
+def clipline_rates(root: Path, manifest: str, args: argparse.Namespace, epoch_samples: int) -> dict[str, Any]:
+    """clipline's trainer on the training shards: samples/s per --log-every window, from its log.jsonl."""
+    steps = args.epochs * epoch_samples // args.batch
+    recipe = {  # one full-token stage; no checkpoint before the stage end, which the windows leave out
+        "name": "bench-trainer", "seed": 0, "model": {"config": MODELS[args.model]}, "objective": {"name": "clip"},
+        "batch_size": args.batch, "precision": "fp32",
+        "optimizer": {"name": "adamw", "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY,
+                      "grad_clip_norm": GRAD_CLIP},
+        "stages": [{"name": "full", "samples": steps * args.batch, "base_lr": BASE_LR, "warmup": WARMUP}],
+        "checkpoint": {"every_steps": 100_000, "every_minutes": None, "keep": 1},
+        "data": {"workers": args.workers, "epoch_samples": epoch_samples},
+    }
+    recipe_path = root / "recipe.yaml"
+    recipe_path.write_text(json.dumps(recipe, indent=2))  # JSON is YAML
+    output = root / "clipline-run"
+    wall = run_logged([sys.executable, "-m", "components.train.main", "--recipe", str(recipe_path), "--data",
+                       manifest, "--output", output.as_uri(), "--log-every", str(args.log_every), "--resume",
+                       "never", "--device", "cpu"], root / "clipline.log", thread_env(args.threads))
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    windows = [(r["step"], r["samples_per_s"]) for r in records if "samples_per_s" in r]
+    return {"steps": steps, "wall_s": wall, "windows": windows}
+
+
+STEP_LINE = re.compile(r"Train Epoch: \d+ \[.*?Batch \(t\): [\d.]+, ([\d.eE+-]+)/s,")
+
+
+def open_clip_rates(root: Path, pattern: str, epoch_samples: int, args: argparse.Namespace) -> dict[str, Any]:
+    """open_clip_train on the copied shards: per-step times from its log, summed into --log-every windows."""
+    config_dir = root / "open_clip_configs"
+    config_dir.mkdir()
+    (config_dir / f"{OC_MODEL_NAME}.json").write_text(json.dumps(MODELS[args.model]))
+    steps = args.epochs * epoch_samples // args.batch
+    launcher = ("import open_clip, sys; open_clip.add_model_config(sys.argv.pop(1)); "
+                "from open_clip_train.main import main; main(sys.argv[1:])")
+    lr = BASE_LR * args.batch / 256  # clipline's rule (recipe.lr), given to open_clip_train as is
+    wall = run_logged([
+        sys.executable, "-c", launcher, str(config_dir), "--model", OC_MODEL_NAME,
+        "--train-data", pattern, "--dataset-type", "webdataset", "--train-num-samples", str(epoch_samples),
+        "--batch-size", str(args.batch), "--epochs", str(args.epochs), "--workers", str(args.workers),
+        "--precision", "fp32", "--device", "cpu", "--lr", str(lr), "--wd", str(WEIGHT_DECAY),
+        "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]), "--eps", str(EPS), "--grad-clip-norm", str(GRAD_CLIP),
+        "--warmup", str(round(WARMUP * steps)), "--log-every-n-steps", "1", "--save-frequency", "0",
+        "--report-to", "", "--logs", str(root / "open_clip_logs"), "--name", "bench", "--seed", "0",
+    ], root / "open_clip.log", thread_env(args.threads))
+    text = (root / "open_clip_logs" / "bench" / "out.log").read_text()
+    step_seconds = [args.batch / float(rate) for rate in STEP_LINE.findall(text)]
+    if len(step_seconds) != steps:
+        raise SystemExit(f"open_clip_train logged {len(step_seconds)} steps, expected {steps}")
+    windows = [(end, args.log_every * args.batch / sum(step_seconds[end - args.log_every:end]))
+               for end in range(args.log_every, steps + 1, args.log_every)]
+    return {"steps": steps, "wall_s": wall, "windows": windows}
+
+
+def median_after_warmup(run: dict[str, Any], share: float) -> float:
+    return statistics.median(rate for step, rate in run["windows"] if step > share * run["steps"])
+
+
+def trainer_part(args: argparse.Namespace) -> dict[str, Any]:
+    image_size = MODELS[args.model]["vision_cfg"]["image_size"]
+    with tempfile.TemporaryDirectory(prefix="clipline-trainer-bench-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        _, manifest, n, _ = make_shards(root, args.per_source, image_size, args.raw_side)
+        pattern, epoch_samples = open_clip_copy(manifest, root / "open_clip_shards", args.workers, image_size)
+        steps = args.epochs * epoch_samples // args.batch
+        print(f"data: {n} training samples at {image_size} px made in {time.perf_counter() - t0:.0f} s; both runs "
+              f"read the first {epoch_samples} ({epoch_samples // SHARD_SIZE} shards) per epoch")
+        print(f"model {args.model}, batch {args.batch}, {args.epochs} epochs = {steps} steps, fp32, CPU, 1 process, "
+              f"{args.workers} data workers, OMP_NUM_THREADS={args.threads}, windows of {args.log_every} steps, "
+              f"median after the first {args.warmup_share:.0%} of the steps")
+        runs = {"open_clip_train": open_clip_rates(root, pattern, epoch_samples, args),
+                "clipline": clipline_rates(root, manifest, args, epoch_samples)}
+    figures = {name: {"samples_per_s": median_after_warmup(run, args.warmup_share), "steps": run["steps"],
+                      "wall_s": round(run["wall_s"], 1)} for name, run in runs.items()}
+    ratio = figures["clipline"]["samples_per_s"] / figures["open_clip_train"]["samples_per_s"]
+    print(f"{'trainer':<18}{'samples/s':>11}{'steps':>7}{'wall s':>8}")
+    for name, fig in figures.items():
+        print(f"{name:<18}{fig['samples_per_s']:>11.1f}{fig['steps']:>7}{fig['wall_s']:>8.1f}")
+    print(f"ratio clipline / open_clip_train: {ratio:.2f}x (target >= 1.0, goal >= 1.25); wall s includes start-up, "
+          "data-worker start and the final checkpoint")
+    return {"model": args.model, "model_config": MODELS[args.model], "batch": args.batch, "epochs": args.epochs,
+            "workers": args.workers, "threads": args.threads, "samples": n, "epoch_samples": epoch_samples,
+            **figures, "ratio": ratio}
+
+
+# ---------------------------------------------------------------------------------------------- part 2: CLIPA
+
+
+def clipa_settings(config: dict[str, Any]) -> dict[str, Stage]:
+    """Full tokens and CLIPA stage-1 variants: half the text, and on the image half the side or a mask at full side."""
+    native = config["vision_cfg"]["image_size"]
+    half_text = TextTokens(length=token_counts(config, Stage(name="full", samples=1, base_lr=1.0))[1] // 2)
+    images = {"half side": ImageTokens(size=native // 2), "grid mask": ImageTokens(mask="grid"),
+              "random mask 0.25": ImageTokens(mask="random", keep=0.25),
+              "block mask 0.25": ImageTokens(mask="block", keep=0.25)}
+    return {"full tokens": Stage(name="full", samples=1, base_lr=1.0),
+            **{name: Stage(name="stage1", samples=1, base_lr=1.0, image=image, text=half_text)
+               for name, image in images.items()}}
+
+
+def step_seconds(model_ref: Any, stage: Stage, batch: int, steps: int) -> list[float]:
+    """Wall times of ``steps`` training steps after one warm-up step, for the model built for ``stage``."""
+    torch.manual_seed(0)
+    model = build_stage_model(model_ref, stage.image, output_dict=True).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    loss_fn = ClipLoss()
+    side = stage.image.size or model.visual.image_size[0]
+    _, text_length = token_counts(model_ref, stage)
+    images = torch.randn(batch, 3, side, side)
+    texts = torch.randint(0, 49408, (batch, text_length))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        out = model(images, texts)
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def clipa_part(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" warning, once per model
+    model_ref = MODELS.get(args.clipa_model, args.clipa_model)  # an inline config, or a registered name
+    settings = clipa_settings(model_ref if isinstance(model_ref, dict) else model_config(model_ref))
+    print(f"\nCLIPA stage 1 vs full tokens: model {args.clipa_model}, batch {args.clipa_batch}, fp32, "
+          f"{torch.get_num_threads()} threads, median of {args.clipa_steps} steps after 1 warm-up step, "
+          "random inputs (compute only)")
+    rows = {}
+    for name, stage in settings.items():
+        image_tokens, text_tokens = token_counts(model_ref, stage)
+        rows[name] = {"image_tokens": image_tokens, "text_tokens": text_tokens,
+                      "step_s": statistics.median(step_seconds(model_ref, stage, args.clipa_batch, args.clipa_steps))}
+    full = rows["full tokens"]
+    print(f"{'setting':<24}{'image tok':>10}{'text tok':>10}{'tok ratio':>10}{'step ms':>10}{'speed-up':>10}")
+    for name, row in rows.items():
+        row["token_ratio"] = (row["image_tokens"] + row["text_tokens"]) / (full["image_tokens"] + full["text_tokens"])
+        row["speedup"] = full["step_s"] / row["step_s"]
+        label = name if name == "full tokens" else f"{name} + text 1/2"
+        print(f"{label:<24}{row['image_tokens']:>10}{row['text_tokens']:>10}{row['token_ratio']:>10.2f}"
+              f"{row['step_s'] * 1e3:>10.1f}{row['speedup']:>9.2f}x")
+    return {"model": args.clipa_model, "batch": args.clipa_batch, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-source", type=int, default=1000, help="demo images per source (3 sources)")
+    parser.add_argument("--raw-side", type=int, default=64, help="img2dataset's image size for the raw shards")
+    parser.add_argument("--model", choices=("tiny", "small"), default="tiny", help="the model of part 1")
+    parser.add_argument("--batch", type=int, default=128, help="global batch of part 1")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of part 1 (each of 10 shards by default)")
+    parser.add_argument("--workers", type=int, default=2, help="data workers of both trainers")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of every process")
+    parser.add_argument("--log-every", type=int, default=5, help="steps per samples/s window")
+    parser.add_argument("--warmup-share", type=float, default=0.2, help="share of the steps left out as warm-up")
+    parser.add_argument("--clipa-model", default="mid", help="mid, tiny, small or an open_clip config name")
+    parser.add_argument("--clipa-batch", type=int, default=32)
+    parser.add_argument("--clipa-steps", type=int, default=6, help="timed steps per setting")
+    parser.add_argument("--only", choices=("trainer", "clipa"), help="run one part only")
+    parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    figures = {"cpu_count": os.cpu_count(), "torch": torch.__version__}
+    if args.only in (None, "trainer"):
+        figures["trainer"] = trainer_part(args)
+    if args.only in (None, "clipa"):
+        figures["clipa"] = clipa_part(args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

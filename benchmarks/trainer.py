@@ -1,8 +1,9 @@
 """Training samples/s: clipline's trainer vs open_clip_train, and the step speed-up of CLIPA stage 1 over full tokens.
 
-    .venv/bin/python benchmarks/trainer.py [--per-source 1000] [--model tiny] [--batch 128] [--epochs 4]
-        [--workers 2] [--threads 2] [--log-every 5] [--warmup-share 0.2]
-        [--clipa-model mid] [--clipa-batch 32] [--clipa-steps 6] [--only trainer|clipa] [--json PATH]
+    .venv/bin/python benchmarks/trainer.py [--per-source 1000] [--raw-side 64] [--model tiny] [--batch 128]
+        [--epochs 4] [--workers 2] [--threads 2] [--log-every 5] [--warmup-share 0.2] [--repeats 2]
+        [--clipa-model mid] [--clipa-batch 64] [--clipa-rounds 6] [--clipa-steps 1] [--only trainer|clipa]
+        [--json PATH]
 
 Part 1, trainer vs open_clip_train. The data is made by the real stages in this run, as in ``benchmarks/loader.py``
 (``ingest_demo`` + ``preprocess`` of the offline demo source, images stored at the model's image size, file:// URIs).
@@ -20,7 +21,9 @@ open_clip_train.main knows only registered model configs, so it runs as
 main(sys.argv[1:])" --model NAME ...``: that IS open_clip_train.main, with the config registered first.
 The figure is samples/s over windows of --log-every steps (clipline's ``samples_per_s`` log records; open_clip_train's
 per-step times, logged every step and summed over the same windows), median over the windows after the first
---warm-up-share of the steps. Checkpoints and epoch ends fall outside or in few windows, so the median leaves them out.
+--warmup-share of the steps, pooled over --repeats runs of each trainer in ABBA order (a load that comes and goes on a
+shared machine hits both). Checkpoints fall outside the windows, epoch starts in few, so the median leaves them out.
+With the defaults: 10 shards of 256 samples per epoch, 20 steps of 128 per epoch, 4 epochs = 80 steps per run.
 What differs is each trainer's own work: open_clip_train applies its RandomResizedCrop to the stored images,
 clipline's loader does not (preprocess already sized them); clipline keeps its data workers between epochs.
 
@@ -29,16 +32,22 @@ built by ``components.train.clipa.build_stage_model`` for each setting, on rando
 loading, so the figure is compute only). Stage-1 settings use half the text length, and on the image side a half
 image side, or at the full side CLIPA's grid mask, random mask (keep 0.25) or block mask (keep 0.25). The model
 (--clipa-model) is mid by default: ViT 6x384 at 64 px (patch 8, 64 tokens), text 6x384 at 32 tokens; the shipped
-clipline-ViT-B-16-CL32 also works (a name) but takes about 30 s a step at batch 8 on a 2-core CPU. Token ratio =
-(image + text tokens) / full (image + text tokens); step time = median of --clipa-steps steps after one warm-up step.
+clipline-ViT-B-16-CL32 also works (a name) but takes tens of seconds a full-token step at batch 8 on a 2-core CPU, and
+every setting's model and AdamW state is held at once (~2.4 GB each). Batch 64 makes the token-bound work dominate the
+fixed work (the 49408-row token embedding's gradient and AdamW update); at batch 32 the speed-ups come out lower.
+Token ratio = (image + text tokens) / (full image + text tokens), image tokens without the class token. Step time =
+median over --clipa-rounds interleaved rounds of --clipa-steps steps per setting, after one warm-up step each (one
+step per round interleaves best when other work comes and goes on the machine).
 
-The machine may be shared, so read the ratios rather than the absolute figures. Defaults take about 4 minutes on a
-2-core CPU.
+The machine may be shared, so read the ratios rather than the absolute figures. Defaults take about 2.5 minutes on a
+2-core CPU (data ~40 s, part 1 ~50 s, part 2 ~50 s). With --model small part 1 is compute-bound (~1.5 s a step, ~2
+minutes a run), so its ratio shows the trainers' per-step overhead rather than their data pipelines.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -50,11 +59,11 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
-sys.path[:0] = [str(REPO), str(BENCHMARKS)]  # run as a script: the repo for components, benchmarks/ for loader
+sys.path.insert(0, str(BENCHMARKS))  # loader.py's helpers, also when this file is imported rather than run
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -115,18 +124,19 @@ def thread_env(threads: int) -> dict[str, str]:
             "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 
-def run_logged(cmd: list[str], log_path: Path, env: dict[str, str]) -> float:
+def run_logged(name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> float:
     """Run a trainer to the end, its output to ``log_path``; returns the wall seconds (start-up included)."""
     started = time.perf_counter()
     with log_path.open("w") as log:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise SystemExit(f"{cmd[2]} failed ({done.returncode}); last lines of {log_path}:\n"
+        raise SystemExit(f"{name} failed ({done.returncode}); last lines of {log_path}:\n"
                          + "\n".join(log_path.read_text().splitlines()[-30:]))
     return time.perf_counter() - started
 
 
-def clipline_rates(root: Path, manifest: str, args: argparse.Namespace, epoch_samples: int) -> dict[str, Any]:
+def clipline_rates(root: Path, manifest: str, args: argparse.Namespace, epoch_samples: int,
+                   attempt: int) -> dict[str, Any]:
     """clipline's trainer on the training shards: samples/s per --log-every window, from its log.jsonl."""
     steps = args.epochs * epoch_samples // args.batch
     recipe = {  # one full-token stage; no checkpoint before the stage end, which the windows leave out
@@ -140,10 +150,11 @@ def clipline_rates(root: Path, manifest: str, args: argparse.Namespace, epoch_sa
     }
     recipe_path = root / "recipe.yaml"
     recipe_path.write_text(json.dumps(recipe, indent=2))  # JSON is YAML
-    output = root / "clipline-run"
-    wall = run_logged([sys.executable, "-m", "components.train.main", "--recipe", str(recipe_path), "--data",
-                       manifest, "--output", output.as_uri(), "--log-every", str(args.log_every), "--resume",
-                       "never", "--device", "cpu"], root / "clipline.log", thread_env(args.threads))
+    output = root / f"clipline-run-{attempt}"
+    wall = run_logged("clipline", [
+        sys.executable, "-m", "components.train.main", "--recipe", str(recipe_path), "--data", manifest,
+        "--output", output.as_uri(), "--log-every", str(args.log_every), "--resume", "never", "--device", "cpu",
+    ], root / f"clipline-{attempt}.log", thread_env(args.threads))
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     windows = [(r["step"], r["samples_per_s"]) for r in records if "samples_per_s" in r]
     return {"steps": steps, "wall_s": wall, "windows": windows}
@@ -152,25 +163,26 @@ def clipline_rates(root: Path, manifest: str, args: argparse.Namespace, epoch_sa
 STEP_LINE = re.compile(r"Train Epoch: \d+ \[.*?Batch \(t\): [\d.]+, ([\d.eE+-]+)/s,")
 
 
-def open_clip_rates(root: Path, pattern: str, epoch_samples: int, args: argparse.Namespace) -> dict[str, Any]:
+def open_clip_rates(root: Path, pattern: str, epoch_samples: int, args: argparse.Namespace,
+                    attempt: int) -> dict[str, Any]:
     """open_clip_train on the copied shards: per-step times from its log, summed into --log-every windows."""
     config_dir = root / "open_clip_configs"
-    config_dir.mkdir()
+    config_dir.mkdir(exist_ok=True)
     (config_dir / f"{OC_MODEL_NAME}.json").write_text(json.dumps(MODELS[args.model]))
     steps = args.epochs * epoch_samples // args.batch
     launcher = ("import open_clip, sys; open_clip.add_model_config(sys.argv.pop(1)); "
                 "from open_clip_train.main import main; main(sys.argv[1:])")
     lr = BASE_LR * args.batch / 256  # clipline's rule (recipe.lr), given to open_clip_train as is
-    wall = run_logged([
+    wall = run_logged("open_clip_train", [
         sys.executable, "-c", launcher, str(config_dir), "--model", OC_MODEL_NAME,
         "--train-data", pattern, "--dataset-type", "webdataset", "--train-num-samples", str(epoch_samples),
         "--batch-size", str(args.batch), "--epochs", str(args.epochs), "--workers", str(args.workers),
         "--precision", "fp32", "--device", "cpu", "--lr", str(lr), "--wd", str(WEIGHT_DECAY),
         "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]), "--eps", str(EPS), "--grad-clip-norm", str(GRAD_CLIP),
         "--warmup", str(round(WARMUP * steps)), "--log-every-n-steps", "1", "--save-frequency", "0",
-        "--report-to", "", "--logs", str(root / "open_clip_logs"), "--name", "bench", "--seed", "0",
-    ], root / "open_clip.log", thread_env(args.threads))
-    text = (root / "open_clip_logs" / "bench" / "out.log").read_text()
+        "--report-to", "", "--logs", str(root / "open_clip_logs"), "--name", f"bench-{attempt}", "--seed", "0",
+    ], root / f"open_clip-{attempt}.log", thread_env(args.threads))
+    text = (root / "open_clip_logs" / f"bench-{attempt}" / "out.log").read_text()
     step_seconds = [args.batch / float(rate) for rate in STEP_LINE.findall(text)]
     if len(step_seconds) != steps:
         raise SystemExit(f"open_clip_train logged {len(step_seconds)} steps, expected {steps}")
@@ -179,8 +191,27 @@ def open_clip_rates(root: Path, pattern: str, epoch_samples: int, args: argparse
     return {"steps": steps, "wall_s": wall, "windows": windows}
 
 
-def median_after_warmup(run: dict[str, Any], share: float) -> float:
-    return statistics.median(rate for step, rate in run["windows"] if step > share * run["steps"])
+def after_warmup(run: dict[str, Any], share: float) -> list[float]:
+    return [rate for step, rate in run["windows"] if step > share * run["steps"]]
+
+
+@contextlib.contextmanager
+def quiet_fds(log_path: Path) -> Iterator[None]:
+    """Send fds 1 and 2 to a file: img2dataset's progress (its subprocesses write there too) would bury the tables."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with log_path.open("w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def trainer_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,26 +219,37 @@ def trainer_part(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="clipline-trainer-bench-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        _, manifest, n, _ = make_shards(root, args.per_source, image_size, args.raw_side)
+        with quiet_fds(root / "make_shards.log"):
+            _, manifest, n, _ = make_shards(root, args.per_source, image_size, args.raw_side)
         pattern, epoch_samples = open_clip_copy(manifest, root / "open_clip_shards", args.workers, image_size)
         steps = args.epochs * epoch_samples // args.batch
         print(f"data: {n} training samples at {image_size} px made in {time.perf_counter() - t0:.0f} s; both runs "
               f"read the first {epoch_samples} ({epoch_samples // SHARD_SIZE} shards) per epoch")
         print(f"model {args.model}, batch {args.batch}, {args.epochs} epochs = {steps} steps, fp32, CPU, 1 process, "
               f"{args.workers} data workers, OMP_NUM_THREADS={args.threads}, windows of {args.log_every} steps, "
-              f"median after the first {args.warmup_share:.0%} of the steps")
-        runs = {"open_clip_train": open_clip_rates(root, pattern, epoch_samples, args),
-                "clipline": clipline_rates(root, manifest, args, epoch_samples)}
-    figures = {name: {"samples_per_s": median_after_warmup(run, args.warmup_share), "steps": run["steps"],
-                      "wall_s": round(run["wall_s"], 1)} for name, run in runs.items()}
+              f"median after the first {args.warmup_share:.0%} of the steps, runs of each: {args.repeats}")
+        runs: dict[str, list[dict[str, Any]]] = {"open_clip_train": [], "clipline": []}
+        for attempt in range(args.repeats):  # ABBA order: a load that drifts during the runs hits both alike
+            order = ("open_clip_train", "clipline") if attempt % 2 == 0 else ("clipline", "open_clip_train")
+            for name in order:
+                runs[name].append(open_clip_rates(root, pattern, epoch_samples, args, attempt)
+                                  if name == "open_clip_train" else
+                                  clipline_rates(root, manifest, args, epoch_samples, attempt))
+    figures = {name: {"samples_per_s": statistics.median(r for run in rs for r in after_warmup(run, args.warmup_share)),
+                      "per_run_samples_per_s": [statistics.median(after_warmup(run, args.warmup_share)) for run in rs],
+                      "steps": rs[0]["steps"], "wall_s": [round(run["wall_s"], 1) for run in rs]}
+               for name, rs in runs.items()}
     ratio = figures["clipline"]["samples_per_s"] / figures["open_clip_train"]["samples_per_s"]
-    print(f"{'trainer':<18}{'samples/s':>11}{'steps':>7}{'wall s':>8}")
+    print(f"{'trainer':<18}{'samples/s':>11}{'per run':>18}{'steps':>7}{'wall s per run':>18}")
     for name, fig in figures.items():
-        print(f"{name:<18}{fig['samples_per_s']:>11.1f}{fig['steps']:>7}{fig['wall_s']:>8.1f}")
-    print(f"ratio clipline / open_clip_train: {ratio:.2f}x (target >= 1.0, goal >= 1.25); wall s includes start-up, "
-          "data-worker start and the final checkpoint")
+        print(f"{name:<18}{fig['samples_per_s']:>11.1f}{' '.join(f'{r:.0f}' for r in fig['per_run_samples_per_s']):>18}"
+              f"{fig['steps']:>7}{' '.join(f'{w:.1f}' for w in fig['wall_s']):>18}")
+    print(f"ratio clipline / open_clip_train: {ratio:.2f}x (target >= 1.0, goal >= 1.25)\n"
+          "samples/s: median over the runs' windows; wall s: the whole process, start-up, data-worker starts and the "
+          "final checkpoint included")
     return {"model": args.model, "model_config": MODELS[args.model], "batch": args.batch, "epochs": args.epochs,
-            "workers": args.workers, "threads": args.threads, "samples": n, "epoch_samples": epoch_samples,
+            "workers": args.workers, "threads": args.threads, "repeats": args.repeats, "samples": n,
+            "epoch_samples": epoch_samples,
             **figures, "ratio": ratio}
 
 
@@ -226,26 +268,41 @@ def clipa_settings(config: dict[str, Any]) -> dict[str, Stage]:
                for name, image in images.items()}}
 
 
-def step_seconds(model_ref: Any, stage: Stage, batch: int, steps: int) -> list[float]:
-    """Wall times of ``steps`` training steps after one warm-up step, for the model built for ``stage``."""
-    torch.manual_seed(0)
-    model = build_stage_model(model_ref, stage.image, output_dict=True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
-    loss_fn = ClipLoss()
-    side = stage.image.size or model.visual.image_size[0]
-    _, text_length = token_counts(model_ref, stage)
-    images = torch.randn(batch, 3, side, side)
-    texts = torch.randint(0, 49408, (batch, text_length))
-    times = []
-    for _ in range(steps + 1):
+class StageStepper:
+    """One setting's model, optimizer and random batch, stepped on demand so that settings can be timed in turns."""
+
+    def __init__(self, model_ref: Any, stage: Stage, batch: int):
+        torch.manual_seed(0)
+        self.model = build_stage_model(model_ref, stage.image, output_dict=True).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=BETAS, eps=EPS,
+                                           weight_decay=WEIGHT_DECAY)
+        self.loss = ClipLoss()
+        side = stage.image.size or self.model.visual.image_size[0]
+        _, text_length = token_counts(model_ref, stage)
+        self.images = torch.randn(batch, 3, side, side)
+        self.texts = torch.randint(0, 49408, (batch, text_length))
+
+    def step(self) -> float:
+        """One training step; returns its wall time in seconds."""
         start = time.perf_counter()
-        out = model(images, texts)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        optimizer.zero_grad(set_to_none=True)
+        out = self.model(self.images, self.texts)
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times[1:]
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def step_times(model_ref: Any, settings: dict[str, Stage], batch: int, rounds: int, steps: int) -> dict[str, float]:
+    """Median step time per setting, in interleaved rounds so that machine noise hits every setting alike."""
+    steppers = {name: StageStepper(model_ref, stage, batch) for name, stage in settings.items()}
+    for stepper in steppers.values():
+        stepper.step()  # warm-up: allocator, oneDNN kernels, AdamW state
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, stepper in steppers.items():
+            times[name] += [stepper.step() for _ in range(steps)]
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def clipa_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -254,20 +311,20 @@ def clipa_part(args: argparse.Namespace) -> dict[str, Any]:
     model_ref = MODELS.get(args.clipa_model, args.clipa_model)  # an inline config, or a registered name
     settings = clipa_settings(model_ref if isinstance(model_ref, dict) else model_config(model_ref))
     print(f"\nCLIPA stage 1 vs full tokens: model {args.clipa_model}, batch {args.clipa_batch}, fp32, "
-          f"{torch.get_num_threads()} threads, median of {args.clipa_steps} steps after 1 warm-up step, "
-          "random inputs (compute only)")
+          f"{torch.get_num_threads()} threads, median of {args.clipa_rounds} x {args.clipa_steps} interleaved steps "
+          "after 1 warm-up step, random inputs (compute only)")
+    seconds = step_times(model_ref, settings, args.clipa_batch, args.clipa_rounds, args.clipa_steps)
     rows = {}
     for name, stage in settings.items():
         image_tokens, text_tokens = token_counts(model_ref, stage)
-        rows[name] = {"image_tokens": image_tokens, "text_tokens": text_tokens,
-                      "step_s": statistics.median(step_seconds(model_ref, stage, args.clipa_batch, args.clipa_steps))}
+        rows[name] = {"image_tokens": image_tokens, "text_tokens": text_tokens, "step_s": seconds[name]}
     full = rows["full tokens"]
-    print(f"{'setting':<24}{'image tok':>10}{'text tok':>10}{'tok ratio':>10}{'step ms':>10}{'speed-up':>10}")
+    print(f"{'setting':<30}{'image tok':>10}{'text tok':>10}{'tok ratio':>10}{'step ms':>10}{'speed-up':>10}")
     for name, row in rows.items():
         row["token_ratio"] = (row["image_tokens"] + row["text_tokens"]) / (full["image_tokens"] + full["text_tokens"])
         row["speedup"] = full["step_s"] / row["step_s"]
         label = name if name == "full tokens" else f"{name} + text 1/2"
-        print(f"{label:<24}{row['image_tokens']:>10}{row['text_tokens']:>10}{row['token_ratio']:>10.2f}"
+        print(f"{label:<30}{row['image_tokens']:>10}{row['text_tokens']:>10}{row['token_ratio']:>10.2f}"
               f"{row['step_s'] * 1e3:>10.1f}{row['speedup']:>9.2f}x")
     return {"model": args.clipa_model, "batch": args.clipa_batch, "threads": torch.get_num_threads(), "rows": rows}
 
@@ -283,9 +340,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of every process")
     parser.add_argument("--log-every", type=int, default=5, help="steps per samples/s window")
     parser.add_argument("--warmup-share", type=float, default=0.2, help="share of the steps left out as warm-up")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer, in ABBA order")
     parser.add_argument("--clipa-model", default="mid", help="mid, tiny, small or an open_clip config name")
-    parser.add_argument("--clipa-batch", type=int, default=32)
-    parser.add_argument("--clipa-steps", type=int, default=6, help="timed steps per setting")
+    parser.add_argument("--clipa-batch", type=int, default=64)
+    parser.add_argument("--clipa-rounds", type=int, default=6, help="interleaved rounds over the settings")
+    parser.add_argument("--clipa-steps", type=int, default=1, help="timed steps per setting per round")
     parser.add_argument("--only", choices=("trainer", "clipa"), help="run one part only")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()

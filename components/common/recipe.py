@@ -180,6 +180,14 @@ class Recipe(Config):
             raise ValueError(f"stage names must be unique, got {names}")
         return self
 
+    def document(self) -> dict[str, Any]:
+        """The recipe as a YAML-ready dict that loads back to an equal Recipe (only the objective's own settings
+        block; the validator refuses the blocks of other objectives)."""
+        doc = self.model_dump(mode="json")
+        name = self.objective.name
+        doc["objective"] = {"name": name, **({name: doc["objective"][name]} if name in doc["objective"] else {})}
+        return doc
+
     def lr(self, stage: Stage) -> float:
         return stage.base_lr * self.batch_size / 256
 

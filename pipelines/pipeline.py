@@ -11,6 +11,8 @@ pipeline parameters. Caching is off: downloads, training and evaluation are not 
 """
 
 # No `from __future__ import annotations`: kfp reads the components' type annotations as objects.
+from typing import NamedTuple
+
 from kfp import dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Input, Markdown, Metrics, Output
 
@@ -138,7 +140,8 @@ def clip_pretrain(
     launcher: str = "pytorchjob",
     image: str = IMAGE,
     namespace: str = "clipline",
-):
+) -> NamedTuple("Outputs", [("raw", Artifact), ("train_data", Artifact), ("model", Artifact),
+                            ("evaluation", Artifact), ("promoted", bool)]):
     """Train a CLIP model from a list of image URLs with captions, evaluate it zero-shot, and promote it.
 
     Args:
@@ -179,3 +182,7 @@ def clip_pretrain(
     trained.set_display_name("train (CLIPA stage 1 then 2)")
     # The train step only submits and watches the PyTorchJob: little CPU, but it must outlive the job.
     trained.set_cpu_limit("1").set_memory_limit("2G")
+    outputs = NamedTuple("Outputs", [("raw", Artifact), ("train_data", Artifact), ("model", Artifact),
+                                     ("evaluation", Artifact), ("promoted", bool)])
+    return outputs(raw.outputs["raw"], data.outputs["train_data"], trained.outputs["model"],
+                   evaluated.outputs["evaluation"], promoted.outputs["Output"])

@@ -11,17 +11,32 @@ import time
 from pathlib import Path
 
 DEFAULT_STORE_DIR = ".clipline/store"
-EXIT_NOT_BUILT = 3
 
-# Stages whose implementation has not landed yet: subcommand -> what it will do.
-NOT_BUILT = {
-    "compile": "write the Kubeflow pipeline YAML into pipelines/compiled/",
-}
+def _compile(args: argparse.Namespace) -> int:
+    from pipelines.submit import compile_pipeline
+
+    print(f"wrote {compile_pipeline(Path(args.output))}")
+    return 0
 
 
-def _not_built(args: argparse.Namespace) -> int:
-    print(f"clipline {args.command}: not built yet in this version of clipline", file=sys.stderr)
-    return EXIT_NOT_BUILT
+def _submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import SubmitError, submit
+
+    params = {}
+    for item in args.param:
+        key, eq, value = item.partition("=")
+        if not eq:
+            print(f"clipline submit: --param takes KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        params[key] = value
+    try:
+        result = submit(args.host, pipeline=Path(args.pipeline), params=params, experiment=args.experiment,
+                        runs_root=args.runs_root, url_lists=args.url_lists, skip_if_unchanged=args.skip_if_unchanged)
+    except SubmitError as exc:
+        print(f"clipline submit: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _store_up(args: argparse.Namespace) -> int:
@@ -93,10 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, what in NOT_BUILT.items():
-        p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. (Not built yet.)")
-        p.set_defaults(func=_not_built)
-
     from components.ingest import cli as ingest_cli
     from components.preprocess.cli import add_parser as add_preprocess_parser
 
@@ -154,6 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--use-env-store", action="store_true",
                      help="use the S3 endpoint in AWS_ENDPOINT_URL instead of an embedded store")
     run.set_defaults(func=_run)
+
+    from pipelines.submit import COMPILED
+
+    comp = sub.add_parser("compile", help="write the Kubeflow pipeline YAML (pipelines/compiled/)",
+                          description="Compile the KFP pipeline clip-pretrain to YAML for upload in the KFP UI or "
+                                      "`clipline submit`. The committed file is checked by a test.")
+    comp.add_argument("--output", default=str(COMPILED), help="default: %(default)s")
+    comp.set_defaults(func=_compile)
+    sm = sub.add_parser("submit", help="submit a run of the compiled pipeline to a KFP server",
+                        description="Create a run of the compiled pipeline on a Kubeflow Pipelines server (the kfp "
+                                    "client; in-cluster it uses the pod's service-account token). --url-lists "
+                                    "gathers every URL list under a prefix into the run's list; with "
+                                    "--skip-if-unchanged nothing is submitted when those lists did not change since "
+                                    "the last submission (scheduled retraining).")
+    sm.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
+    sm.add_argument("--pipeline", default=str(COMPILED), help="compiled pipeline YAML (default: %(default)s)")
+    sm.add_argument("--experiment", default="clipline", help="KFP experiment (default: %(default)s)")
+    sm.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="pipeline parameter (repeatable), e.g. recipe=configs/demo.yaml, nodes=4")
+    sm.add_argument("--runs-root", default="s3://clipline/runs",
+                    help="run_prefix is <runs-root>/clip-pretrain-<time> unless --param run_prefix=... "
+                         "(default: %(default)s)")
+    sm.add_argument("--url-lists", help="train on every URL list under this s3:// prefix")
+    sm.add_argument("--skip-if-unchanged", action="store_true",
+                    help="with --url-lists: submit only when the lists changed since the last submission")
+    sm.set_defaults(func=_submit)
 
     st = sub.add_parser("store", help="start, stop or inspect the embedded S3 store (SeaweedFS on 127.0.0.1)",
                         description="Manage a local S3 server (SeaweedFS) with generated credentials. "

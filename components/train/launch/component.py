@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import torchx.specs as specs
 
-DEFAULT_IMAGE = "clipline-train:0.1.0"
+DEFAULT_IMAGE = "clipline:0.1.0"
 TRAIN_MODULE = "components.train.main"
 ROLE_NAME = "trainer"
 

@@ -1,0 +1,175 @@
+"""The KFP pipeline: the committed compiled YAML, its components' commands and secrets, promotion, and submission to
+a KFP API (a loopback HTTP server answering the four REST calls kfp's client makes; no KFP server runs here).
+
+The pipeline itself runs end to end under kfp's local runner in tests/test_cli.py (``clipline run``)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from components.common import store
+from pipelines import steps
+from pipelines.submit import COMPILED, SUBMITTED, compile_pipeline, submit
+
+STEPS = ("ingest", "preprocess", "train", "evaluate", "promote")
+
+
+def _documents() -> list[dict]:
+    return list(yaml.safe_load_all(COMPILED.read_text()))
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict:
+    """The pipeline spec (the first document; the second is the Kubernetes platform spec)."""
+    return _documents()[0]
+
+
+def test_compiled_pipeline_is_current(tmp_path):
+    fresh = compile_pipeline(tmp_path / "clip_pretrain.yaml")
+    assert fresh.read_text() == COMPILED.read_text(), "pipelines/compiled/ is stale: run `clipline compile`"
+
+
+def test_compiled_pipeline_loads_back_with_kfp():
+    from kfp import components
+
+    loaded = components.load_component_from_file(str(COMPILED))
+    assert loaded.name == "clip-pretrain"
+    assert {"run_prefix", "url_list", "recipe", "objective", "nodes", "gpus_per_node", "eval_datasets",
+            "models_prefix", "promote_metric", "promote_tolerance"} <= set(loaded.component_spec.inputs)
+
+
+def test_no_component_installs_packages_at_run_time(spec):
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == len(STEPS)
+    for name, executor in executors.items():
+        container = executor["container"]
+        text = " ".join(container.get("command", []) + container.get("args", []))
+        assert "pip install" not in text and "pip3 install" not in text, name
+        assert "kfp.dsl.executor_main" in text, name
+        assert container["image"] == "clipline:0.1.0"
+
+
+def test_every_parameter_is_described_and_none_is_a_credential(spec):
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for name, param in params.items():
+        assert len(param.get("description", "")) > 10, name
+        assert not any(word in name.lower() for word in ("secret", "password", "access_key", "token")), name
+
+
+def test_every_step_gets_store_credentials_from_the_secret_and_caching_is_off(spec):
+    (platform,) = [d for d in _documents() if "platforms" in d]
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == len(STEPS)
+    for name, config in executors.items():
+        (secret,) = config["secretAsEnv"]
+        assert secret["secretName"] == "clipline-store-credentials"
+        assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        (config_map,) = config["configMapAsEnv"]
+        assert {k["envVar"] for k in config_map["keyToEnv"]} == {"AWS_ENDPOINT_URL", "AWS_REGION"}
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == set(STEPS)
+    assert all(task["cachingOptions"] == {} for task in tasks.values())  # enableCache absent = false
+
+
+# ------------------------------------------------------------------------------------------------------ promote
+
+
+def test_promotion_keeps_the_better_model_within_tolerance(any_prefix):
+    models = store.join(any_prefix, "models")
+
+    def evaluation(acc1: float) -> dict:
+        return {"results": {"a": {"acc1": acc1, "acc5": 0.9}, "b": {"acc1": acc1}, "r": {"recall@5": 0.5}},
+                "report": "s3://x/report.html"}
+
+    first = steps.promote_step("m1", evaluation(0.40), models, metric="acc1", tolerance=0.01)
+    assert first["promoted"] and first["baseline"] is None and "no latest model" in first["reason"]
+    worse = steps.promote_step("m2", evaluation(0.38), models, metric="acc1", tolerance=0.01)
+    assert not worse["promoted"] and worse["baseline"] == pytest.approx(0.40) and worse["score"] == pytest.approx(0.38)
+    within = steps.promote_step("m3", evaluation(0.395), models, metric="acc1", tolerance=0.01)
+    assert within["promoted"] and "0.3950 vs latest 0.4000" in within["reason"]
+    latest = json.loads(store.get_bytes(store.join(models, steps.LATEST)))
+    assert latest["model"] == "m3" and latest["score"] == pytest.approx(0.395)
+    decisions = list(store.list_objects(store.join(models, "decisions") + "/"))
+    assert len(decisions) >= 1
+    with pytest.raises(steps.StepError, match="available: acc1, acc5, recall@5"):
+        steps.promote_step("m4", evaluation(0.5), models, metric="top1", tolerance=0.0)
+
+
+# ------------------------------------------------------------------------------------------------------- submit
+
+
+class _KfpApi(BaseHTTPRequestHandler):
+    runs: list[dict] = []
+
+    def _reply(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # healthz, and the experiment lookup by name (none exists)
+        self._reply({})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.startswith("/apis/v2beta1/experiments"):
+            self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        else:
+            type(self).runs.append(body)
+            self._reply({"run_id": f"run-{len(type(self).runs)}", "display_name": body["display_name"]})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kfp_api():
+    _KfpApi.runs = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KfpApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _KfpApi.runs
+    server.shutdown()
+
+
+def _url_list(uri: str, rows: int, tmp_path: Path) -> None:
+    path = tmp_path / "list.parquet"
+    pd.DataFrame({"url": [f"http://img/{uri[-12:]}/{i}.jpg" for i in range(rows)],
+                  "caption": [f"caption {i}" for i in range(rows)]}).to_parquet(path)
+    store.put_file(uri, path)
+
+
+def test_submit_gathers_new_url_lists_and_skips_unchanged(s3_prefix, kfp_api, tmp_path):
+    host, runs = kfp_api
+    lists = store.join(s3_prefix, "url-lists")
+    _url_list(store.join(lists, "2026-11-01.parquet"), 5, tmp_path)
+    common = dict(params={"recipe": "configs/demo.yaml", "nodes": "2"}, experiment="scheduled",
+                  runs_root=store.join(s3_prefix, "runs"), url_lists=lists, skip_if_unchanged=True)
+
+    first = submit(host, **common)
+    assert first["submitted"] and len(runs) == 1
+    run = runs[0]
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "clip-pretrain"
+    params = run["runtime_config"]["parameters"]
+    assert params["recipe"] == "configs/demo.yaml" and params["run_prefix"].startswith(store.join(s3_prefix, "runs"))
+    combined = store.join(params["run_prefix"], "url_list.parquet")
+    assert params["url_list"] == combined
+    assert json.loads(store.get_bytes(store.join(lists, SUBMITTED)))["rows"] == 5
+
+    again = submit(host, **common)
+    assert not again["submitted"] and again["reason"] == "URL lists unchanged" and len(runs) == 1
+
+    _url_list(store.join(lists, "2026-11-08.parquet"), 3, tmp_path)
+    third = submit(host, **{**common, "params": {**common["params"], "run_prefix": store.join(s3_prefix, "r3")}})
+    assert third["submitted"] and len(runs) == 2
+    local = tmp_path / "combined.parquet"
+    store.get_file(store.join(s3_prefix, "r3", "url_list.parquet"), local)
+    assert len(pd.read_parquet(local)) == 8  # both lists

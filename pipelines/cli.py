@@ -82,11 +82,15 @@ def _store_status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from pipelines.local import run_local
+    from pipelines.steps import StepError
 
     try:
         manifest = run_local(args.recipe, url_list=args.url_list, demo_limit=args.demo_limit,
                              run_prefix=args.run_prefix, models_prefix=args.models_prefix, store_dir=args.store_dir,
                              use_env_store=args.use_env_store, nproc_per_node=args.nproc_per_node)
+    except StepError as exc:
+        print(f"clipline run: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:  # kfp's local runner: "Pipeline ... FAILURE. Inner task failed: 'train'"
         print(f"clipline run: {exc} (the failed step's log is above)", file=sys.stderr)
         return 1

@@ -55,7 +55,7 @@ def run_local(
 
     from components.train.plan import check_recipe
     from pipelines.pipeline import clip_pretrain
-    from pipelines.steps import DEMO_SOURCE
+    from pipelines.steps import DEMO_SOURCE, StepError
 
     recipe = load_recipe(recipe_path)
     check_recipe(recipe, nproc_per_node, source=str(recipe_path))  # every recipe problem before anything starts
@@ -67,6 +67,10 @@ def run_local(
                                  f"{time.strftime('%Y%m%d-%H%M%S')}").rstrip("/")
         models = models_prefix or f"{prefix.split('/runs/')[0] if '/runs/' in prefix else prefix}/models"
         store.ensure_bucket(prefix)
+        if url_list and "://" not in url_list:
+            url_list = str(Path(url_list).resolve())  # the steps run in other processes
+        if url_list and not store.exists(url_list if "://" in url_list else Path(url_list).as_uri()):
+            raise StepError(f"the URL list {url_list} does not exist")
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state_root / "kfp-root"),
                    raise_on_error=True)
         run = clip_pretrain(run_prefix=prefix, url_list=url_list or DEMO_SOURCE,

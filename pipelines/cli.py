@@ -15,7 +15,7 @@ DEFAULT_STORE_DIR = ".clipline/store"
 def _compile(args: argparse.Namespace) -> int:
     from pipelines.submit import compile_pipeline
 
-    print(f"wrote {compile_pipeline(Path(args.output))}")
+    print(f"wrote {compile_pipeline(Path(args.output), args.parts)}")
     return 0
 
 
@@ -87,7 +87,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         manifest = run_local(args.recipe, url_list=args.url_list, demo_limit=args.demo_limit,
                              run_prefix=args.run_prefix, models_prefix=args.models_prefix, store_dir=args.store_dir,
-                             use_env_store=args.use_env_store, nproc_per_node=args.nproc_per_node)
+                             use_env_store=args.use_env_store, nproc_per_node=args.nproc_per_node,
+                             parts=args.parts)
     except StepError as exc:
         print(f"clipline run: {exc}", file=sys.stderr)
         return 1
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="demo source: at most this many images per source (default: %(default)s)")
     run.add_argument("--run-prefix", help="s3:// or file:// prefix for the run's outputs "
                                           "(default: s3://clipline/runs/<recipe>-<time>)")
+    run.add_argument("--parts", type=int, default=1,
+                     help="fan ingest and preprocess out over this many steps, as on a cluster (default: %(default)s)")
     run.add_argument("--models-prefix", help="where the promoted model pointer lives (default: <bucket>/models)")
     run.add_argument("--nproc-per-node", type=int, default=1,
                      help="training processes on this machine (default: %(default)s)")
@@ -176,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Compile the KFP pipeline clip-pretrain to YAML for upload in the KFP UI or "
                                       "`clipline submit`. The committed file is checked by a test.")
     comp.add_argument("--output", default=str(COMPILED), help="default: %(default)s")
+    comp.add_argument("--parts", type=int, help="pods that ingest and preprocess fan out over (default: 4, the "
+                                                "committed pipeline's)")
     comp.set_defaults(func=_compile)
     sm = sub.add_parser("submit", help="submit a run of the compiled pipeline to a KFP server",
                         description="Create a run of the compiled pipeline on a Kubeflow Pipelines server (the kfp "

@@ -48,13 +48,14 @@ def run_local(
     store_dir: str | Path = ".clipline/store",
     use_env_store: bool = False,
     nproc_per_node: int = 1,
+    parts: int = 1,
 ) -> dict:
     """Validate the recipe, then run the pipeline (the demo source when no URL list is given); returns the run
     manifest, with ``local_report`` (a copy of the HTML report on this machine) added."""
     from kfp import local
 
     from components.train.plan import check_recipe
-    from pipelines.pipeline import clip_pretrain
+    from pipelines.pipeline import make_pipeline
     from pipelines.steps import DEMO_SOURCE, StepError
 
     recipe = load_recipe(recipe_path)
@@ -73,7 +74,7 @@ def run_local(
             raise StepError(f"the URL list {url_list} does not exist")
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state_root / "kfp-root"),
                    raise_on_error=True)
-        run = clip_pretrain(run_prefix=prefix, url_list=url_list or DEMO_SOURCE,
+        run = make_pipeline(parts)(run_prefix=prefix, url_list=url_list or DEMO_SOURCE,
                             recipe=str(Path(recipe_path).resolve()), demo_limit=demo_limit or 0,
                             seed=recipe.seed, gpus_per_node=nproc_per_node, launcher="local", models_prefix=models)
         stages = _stage_manifests(run)

@@ -52,32 +52,63 @@ def effective_recipe(recipe_location: str, objective: str, run_prefix: str) -> t
     return recipe, uri
 
 
-def ingest_step(url_list: str, output: str, *, demo_limit: int, seed: int) -> dict[str, Any]:
+def ingest_prefix(run_prefix: str, part: int = 0, parts: int = 1) -> str:
+    base = store.join(run_prefix, "ingest")
+    return base if parts == 1 else store.join(base, f"part-{part}")
+
+
+def ingest_step(url_list: str, run_prefix: str, *, demo_limit: int, seed: int, part: int = 0,
+                parts: int = 1) -> dict[str, Any]:
+    """Ingest the URL list, or with ``parts`` > 1 its ``part``-th contiguous part (merged by ``merge_ingest_step``)."""
     from components.ingest.ingest import MANIFEST, ingest
     from components.ingest.options import IngestOptions
 
     started = time.time()
+    output = ingest_prefix(run_prefix, part, parts)
+    piece = (part, parts) if parts > 1 else None
     if url_list == DEMO_SOURCE:
         from components.ingest.demo import ingest_demo
 
-        doc = ingest_demo(output, IngestOptions(**DEMO_INGEST), limit=demo_limit or None, seed=seed)
+        # Every part builds the same demo (same seed) and publishes the same held-out split; it ingests its part.
+        doc = ingest_demo(output, IngestOptions(**DEMO_INGEST), limit=demo_limit or None, seed=seed, part=piece)
     else:
-        doc = ingest(url_list, output, IngestOptions())
+        doc = ingest(url_list, output, IngestOptions(), part=piece)
     return {"status": "done", "manifest": store.join(output, MANIFEST), "prefix": output, "counts": doc["counts"],
             "demo": url_list == DEMO_SOURCE, "duration_s": round(time.time() - started, 2)}
 
 
+def merge_ingest_step(run_prefix: str, parts: int, demo: bool) -> dict[str, Any]:
+    from components.ingest.ingest import MANIFEST, merge_parts
+
+    output = ingest_prefix(run_prefix)
+    doc = merge_parts([store.join(ingest_prefix(run_prefix, k, parts), MANIFEST) for k in range(parts)], output)
+    # The held-out split (demo) is the same in every part; part 0's is the one evaluated.
+    return {"status": "done", "manifest": store.join(output, MANIFEST), "prefix": ingest_prefix(run_prefix, 0, parts),
+            "counts": doc["counts"], "demo": demo, "parts": parts}
+
+
+def _preprocess_options(recipe: Recipe):
+    from components.preprocess.options import PreprocessOptions
+
+    resolutions = recipe.resolutions()
+    # min_image_side: the demo's raw images are 64 px; the smallest side a stage trains at is the real floor.
+    return PreprocessOptions(resolutions=resolutions, min_image_side=min(resolutions),
+                             min_shards=max(1, recipe.data.workers))
+
+
+def preprocess_part_step(raw_manifest: str, output: str, recipe: Recipe, part: int, parts: int) -> dict[str, Any]:
+    """The filter phase of preprocess for one of ``parts`` groups of raw shards; ``preprocess_step`` merges."""
+    from components.preprocess.preprocess import filter_part
+
+    return filter_part(raw_manifest, output, _preprocess_options(recipe), part, parts)
+
+
 def preprocess_step(raw_manifest: str, output: str, recipe: Recipe) -> dict[str, Any]:
     from components.preprocess.layout import Layout
-    from components.preprocess.options import PreprocessOptions
     from components.preprocess.preprocess import preprocess
 
     started = time.time()
-    resolutions = recipe.resolutions()
-    # min_image_side: the demo's raw images are 64 px; the smallest side a stage trains at is the real floor.
-    options = PreprocessOptions(resolutions=resolutions, min_image_side=min(resolutions),
-                                min_shards=max(1, recipe.data.workers))
-    doc = preprocess(raw_manifest, output, options)
+    doc = preprocess(raw_manifest, output, _preprocess_options(recipe))
     return {"status": "done", "manifest": Layout(output.rstrip("/")).manifest_uri, "num_samples": doc["num_samples"],
             "rejected": doc["rejected"], "duration_s": round(time.time() - started, 2)}
 
@@ -183,8 +214,8 @@ def evaluate_step(model_manifest: str, output: str, *, datasets: list[str], demo
     results = {name: r["metrics"] for name, r in doc["datasets"].items()}
     for name, metrics in results.items():
         log.info("evaluate %s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    return {"status": "done", "report": store.join(output, "report.html"), "metrics": store.join(output, "metrics.json"),
-            "summary": store.join(output, "summary.md"), "results": results,
+    return {"status": "done", "report": store.join(output, "report.html"),
+            "metrics": store.join(output, "metrics.json"), "summary": store.join(output, "summary.md"), "results": results,
             "duration_s": round(time.time() - started, 2)}
 
 

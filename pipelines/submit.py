@@ -29,13 +29,14 @@ class SubmitError(RuntimeError):
     pass
 
 
-def compile_pipeline(path: Path = COMPILED) -> Path:
+def compile_pipeline(path: Path = COMPILED, parts: int | None = None) -> Path:
+    """Write the pipeline YAML; ``parts``: the fan-out of ingest and preprocess (default: the committed one's)."""
     from kfp import compiler
 
-    from pipelines.pipeline import clip_pretrain
+    from pipelines.pipeline import DEFAULT_PARTS, make_pipeline
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(clip_pretrain, str(path))
+    compiler.Compiler().compile(make_pipeline(parts or DEFAULT_PARTS), str(path))
     return path
 
 

@@ -18,7 +18,10 @@ from components.common import store
 from pipelines import steps
 from pipelines.submit import COMPILED, SUBMITTED, compile_pipeline, submit
 
-STEPS = ("ingest", "preprocess", "train", "evaluate", "promote")
+PARTS = 4  # the committed pipeline's fan-out
+COMPONENTS = {"ingest", "merge-ingest", "filter-part", "preprocess", "train", "evaluate", "promote"}
+TASKS = {*(f"ingest-{k}" for k in range(2, PARTS + 1)), *(f"filter-part-{k}" for k in range(2, PARTS + 1)),
+         "ingest", "filter-part", "merge-ingest", "preprocess", "train", "evaluate", "promote"}
 
 
 def _documents() -> list[dict]:
@@ -47,7 +50,8 @@ def test_compiled_pipeline_loads_back_with_kfp():
 
 def test_no_component_installs_packages_at_run_time(spec):
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == len(STEPS)
+    assert {name.removeprefix("exec-").rstrip("-234") for name in executors} == set(COMPONENTS)
+    assert len(executors) == len(TASKS)  # kfp gives each task of the fan-out its own executor
     for name, executor in executors.items():
         container = executor["container"]
         text = " ".join(container.get("command", []) + container.get("args", []))
@@ -66,7 +70,7 @@ def test_every_parameter_is_described_and_none_is_a_credential(spec):
 def test_every_step_gets_store_credentials_from_the_secret_and_caching_is_off(spec):
     (platform,) = [d for d in _documents() if "platforms" in d]
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == len(STEPS)
+    assert len(executors) == len(TASKS)  # one per task: every task, fan-out included, gets the credentials
     for name, config in executors.items():
         (secret,) = config["secretAsEnv"]
         assert secret["secretName"] == "clipline-store-credentials"
@@ -74,7 +78,7 @@ def test_every_step_gets_store_credentials_from_the_secret_and_caching_is_off(sp
         (config_map,) = config["configMapAsEnv"]
         assert {k["envVar"] for k in config_map["keyToEnv"]} == {"AWS_ENDPOINT_URL", "AWS_REGION"}
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == set(STEPS)
+    assert set(tasks) == TASKS
     assert all(task["cachingOptions"] == {} for task in tasks.values())  # enableCache absent = false
 
 
@@ -173,3 +177,51 @@ def test_submit_gathers_new_url_lists_and_skips_unchanged(s3_prefix, kfp_api, tm
     local = tmp_path / "combined.parquet"
     store.get_file(store.join(s3_prefix, "r3", "url_list.parquet"), local)
     assert len(pd.read_parquet(local)) == 8  # both lists
+
+
+# ------------------------------------------------------------------------------------------------------- fan-out
+
+
+def _samples(manifest_uri: str, tmp_path: Path) -> dict[int, tuple[str, str]]:
+    """index -> (caption, sha256 of the 16 px image) over a TRAIN_SHARDS manifest's shards."""
+    import hashlib
+    import tarfile
+
+    doc = json.loads(store.get_bytes(manifest_uri))
+    out = {}
+    for shard in doc["shards"]:
+        path = tmp_path / "shard.tar"
+        store.get_file(shard["uri"], path)
+        with tarfile.open(path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name, data in files.items():
+            if name.endswith(".json"):
+                key = name[: -len(".json")]
+                index = json.loads(data)["index"]
+                out[index] = (files[f"{key}.txt"].decode(), hashlib.sha256(files[f"{key}.img16.jpg"]).hexdigest())
+    return out
+
+
+@pytest.mark.slow
+def test_fan_out_gives_the_same_dense_indices_and_counts_as_one_part(s3_prefix, tmp_path):
+    recipe, _ = steps.effective_recipe(str(Path(__file__).parents[1] / "configs" / "ci.yaml"), "", s3_prefix)
+    results = {}
+    for parts in (1, 3):
+        run = store.join(s3_prefix, f"k{parts}")
+        for k in range(parts):
+            steps.ingest_step(steps.DEMO_SOURCE, run, demo_limit=40, seed=0, part=k, parts=parts)
+        raw = (steps.merge_ingest_step(run, parts, demo=True) if parts > 1
+               else {"manifest": store.join(steps.ingest_prefix(run), "manifest.json")})
+        output = store.join(run, "train-data")
+        if parts > 1:
+            for k in range(parts):
+                steps.preprocess_part_step(raw["manifest"], output, recipe, k, parts)
+        done = steps.preprocess_step(raw["manifest"], output, recipe)
+        results[parts] = (json.loads(store.get_bytes(raw["manifest"])), json.loads(store.get_bytes(done["manifest"])),
+                          _samples(done["manifest"], tmp_path))
+    (raw1, train1, samples1), (raw3, train3, samples3) = results[1], results[3]
+    assert raw3["counts"] == raw1["counts"] and len(raw3["parts"]) == 3
+    assert train3["num_samples"] == train1["num_samples"] > 80
+    assert train3["rejected"] == train1["rejected"]
+    assert sorted(samples1) == list(range(train1["num_samples"]))  # dense
+    assert samples3 == samples1  # the same sample behind every index

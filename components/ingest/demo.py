@@ -123,7 +123,7 @@ def url_tables(demo: DemoSet, server: FileServer) -> tuple[pd.DataFrame, pd.Data
 
 def ingest_demo(
     output_prefix: str, options: IngestOptions, *, limit: int | None = None, seed: int = 0,
-    heldout_fraction: float = 0.1, workdir: Path | None = None,
+    heldout_fraction: float = 0.1, workdir: Path | None = None, part: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Build the demo (``limit`` images per source), publish its held-out split, ingest the rest; returns the manifest.
 
@@ -139,7 +139,7 @@ def ingest_demo(
             options = IngestOptions.model_validate({**options.model_dump(), "extra_columns": extra})
             counts = {s: {"train": int((train["source"] == s).sum()), "heldout": int((heldout["source"] == s).sum())}
                       for s in SOURCES if s not in demo.skipped}
-            return ingest(str(train_list), output_prefix, options, extra={"demo": {
+            return ingest(str(train_list), output_prefix, options, part=part, extra={"demo": {
                 "seed": seed,
                 "limit_per_source": limit,
                 "heldout_fraction": heldout_fraction,

@@ -26,7 +26,7 @@ from components.ingest import img2dataset_run
 from components.ingest.counts import aggregate, success_rate, top_reasons
 from components.ingest.options import IngestOptions
 from components.ingest.shard_committer import STATS_SUFFIX, Shard, ShardCommitter, shard_files, shard_name
-from components.ingest.url_list import UrlList, load_url_list
+from components.ingest.url_list import UrlList, load_url_list, slice_url_list
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,11 @@ class IngestError(RuntimeError):
 
 
 def ingest(
-    url_list: str, output_prefix: str, options: IngestOptions, *, extra: Mapping[str, Any] | None = None
+    url_list: str, output_prefix: str, options: IngestOptions, *, extra: Mapping[str, Any] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Download ``url_list`` into shards under ``output_prefix``; returns the manifest (``extra`` is merged into it).
+    ``part=(k, K)``: only the k-th of K contiguous parts of the list (a fan-out; ``merge_parts`` joins them).
 
     Raises IngestError, writing no manifest, when a shard could not be committed or the success rate is below
     ``options.min_success_rate``. Committed shards stay, so a rerun with ``incremental`` resumes.
@@ -60,6 +62,8 @@ def ingest(
     with tempfile.TemporaryDirectory(prefix="clipline-ingest-") as tmp:
         scratch = Path(tmp)
         urls = load_url_list(url_list, options, scratch)
+        if part is not None:
+            urls = slice_url_list(urls, *part)
         n_shards = math.ceil(urls.rows / options.number_sample_per_shard)
         done = _prepare_prefix(output_prefix, _fingerprint(urls, options), n_shards, incremental=options.incremental)
         local_dir = scratch / SHARDS
@@ -116,6 +120,7 @@ def ingest(
         "resumed_shards": len(done),
         "url_list": url_list,
         "url_list_sha256": urls.sha256,
+        "part": list(part) if part else None,
         "options": options.model_dump(mode="json"),
         **(extra or {}),
     }
@@ -175,3 +180,35 @@ def _committed_shards(shards_uri: str, n_shards: int) -> dict[int, Shard]:
         if all(uri.rsplit("/", 1)[1] in names for uri in uris.values()):
             done[shard_id] = Shard(shard_id, uris["tar"], json.loads(store.get_bytes(uris["stats"])))
     return done
+
+
+def merge_parts(part_manifests: list[str], output_prefix: str) -> dict[str, Any]:
+    """One RAW_SHARDS manifest at ``<output_prefix>/manifest.json`` for the parts of a fan-out, in part order: their
+    shards (left where the parts wrote them) and their summed counts. Preprocess numbers the samples in this order,
+    so the dense indices are those of a single ingest of the whole list."""
+    from components.common.manifest import read_manifest
+
+    docs = [read_manifest(uri, RAW_SHARDS) for uri in part_manifests]
+    counts = _sum_counts([d["counts"] for d in docs])
+    counts["failed"] = dict(sorted(counts["failed"].items(), key=lambda item: -item[1]))
+    first = docs[0]
+    body = {
+        "shards": [shard for d in docs for shard in d["shards"]],
+        "counts": counts,
+        "success_rate": round(success_rate(counts), 6),
+        "duration_s": round(max(d["duration_s"] for d in docs), 3),
+        "images_per_s": round(sum(d["images_per_s"] for d in docs), 2),
+        "url_list": first["url_list"],
+        "parts": part_manifests,
+        "options": first["options"],
+        **({"demo": first["demo"]} if "demo" in first else {}),
+    }
+    return write_manifest(store.join(output_prefix, MANIFEST), RAW_SHARDS, body)
+
+
+def _sum_counts(counts: list[Any]) -> Any:
+    """Sum nested count dicts key by key (numbers add up; a key missing in one part counts as 0 there)."""
+    if all(isinstance(c, dict) for c in counts):
+        keys = dict.fromkeys(k for c in counts for k in c)
+        return {k: _sum_counts([c[k] for c in counts if k in c]) for k in keys}
+    return sum(counts)

@@ -92,3 +92,19 @@ def _read(path: Path, fmt: InputFormat, uri: str, wanted: list[str]) -> pd.DataF
         return pd.read_json(path, lines=True, dtype=False)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise UrlListError(f"cannot read URL list {uri} as {fmt}: {exc}") from None
+
+
+def slice_url_list(urls: UrlList, part: int, parts: int) -> UrlList:
+    """Rows [part * n // parts, (part + 1) * n // parts) of a normalised list: one of ``parts`` contiguous parts (a
+    fan-out of ingest over pods). The parts, in order, are the whole list in order, so the samples keep their order."""
+    if not 0 <= part < parts:
+        raise UrlListError(f"part {part} is not one of 0..{parts - 1}")
+    table = pd.read_parquet(urls.path)
+    n = len(table)
+    table = table.iloc[part * n // parts:(part + 1) * n // parts].reset_index(drop=True)
+    if table.empty:
+        raise UrlListError(f"part {part} of {parts} of a {n}-row URL list is empty: use fewer parts")
+    out = urls.path.with_name(f"url_list-part{part}-of{parts}.parquet")
+    table.to_parquet(out, index=False)
+    digest = hashlib.sha256(urls.sha256.encode() + f"/{part}/{parts}".encode())
+    return UrlList(path=out, rows=len(table), sha256=digest.hexdigest())

@@ -43,26 +43,37 @@ def filter_shard(task: FilterTask) -> dict:
     hashes: list[str] = []
     seen: set[str] = set()
     samples = 0
+    accepted: list[tuple[str, str, dict[str, bytes]]] = []  # (raw key, pixel hash, members)
+    with store.open_read(task.uri) as stream:
+        try:
+            for sample in read_samples(stream, task.uri):
+                samples += 1
+                try:
+                    image_hash, members = _candidate(sample, task.options)
+                except filters.Rejected as rejection:
+                    rejected[rejection.reason] += 1
+                    continue
+                accepted.append((sample["__key__"], image_hash, members))
+        except tarfile.TarError as exc:
+            # A broken shard is not a rejected sample: counting on would silently drop the rest of the shard.
+            raise PreprocessError(f"raw shard {task.uri} is not a readable tar after {samples} samples: "
+                                  f"{exc}") from None
+    # img2dataset stores a shard's samples in download-completion order, but its keys follow the URL list: in key
+    # order the candidates (and so the dense indices, and which copy of a duplicate is kept) are the same on every
+    # run and for any fan-out of ingest. The candidates are small (resized), so a shard's worth fits in memory.
+    accepted.sort(key=lambda item: item[0])
     with tempfile.TemporaryDirectory(prefix="clipline-preprocess-") as tmp:
         path = Path(tmp) / "candidates.tar"
-        with TarWriter(path) as out, store.open_read(task.uri) as stream:
-            try:
-                for sample in read_samples(stream, task.uri):
-                    samples += 1
-                    try:
-                        image_hash, members = _candidate(sample, task.options, seen)
-                    except filters.Rejected as rejection:
-                        rejected[rejection.reason] += 1
-                        continue
-                    key = f"{len(hashes):0{CANDIDATE_KEY_DIGITS}d}"
-                    for field, data in members.items():
-                        out.add(f"{key}.{field}", data)
-                    hashes.append(image_hash)
-                    seen.add(image_hash)
-            except tarfile.TarError as exc:
-                # A broken shard is not a rejected sample: counting on would silently drop the rest of the shard.
-                raise PreprocessError(f"raw shard {task.uri} is not a readable tar after {samples} samples: "
-                                      f"{exc}") from None
+        with TarWriter(path) as out:
+            for _, image_hash, members in accepted:
+                if image_hash in seen:
+                    rejected[filters.DUPLICATE] += 1
+                    continue
+                key = f"{len(hashes):0{CANDIDATE_KEY_DIGITS}d}"
+                for field, data in members.items():
+                    out.add(f"{key}.{field}", data)
+                hashes.append(image_hash)
+                seen.add(image_hash)
         store.put_file(task.layout.candidates_uri(task.position), path)
     summary = {
         "uri": task.uri,
@@ -77,7 +88,7 @@ def filter_shard(task: FilterTask) -> dict:
     return summary
 
 
-def _candidate(sample: dict, options: PreprocessOptions, seen: set[str]) -> tuple[str, dict[str, bytes]]:
+def _candidate(sample: dict, options: PreprocessOptions) -> tuple[str, dict[str, bytes]]:
     """(pixel hash, members) of a sample worth training on; raises filters.Rejected with the first reason that
     applies, in the order documented in filters.py."""
     data = filters.image_bytes(sample)
@@ -88,8 +99,6 @@ def _candidate(sample: dict, options: PreprocessOptions, seen: set[str]) -> tupl
     img = filters.decode_rgb(data)
     filters.check_size(img, options.min_image_side)
     image_hash = filters.pixel_hash(img)
-    if image_hash in seen:
-        raise filters.Rejected(filters.DUPLICATE)
     members = {
         datasets.image_field(size): filters.encode_jpeg(filters.resize_center_crop(img, size), options.jpeg_quality)
         for size in options.resolutions

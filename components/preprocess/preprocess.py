@@ -43,7 +43,10 @@ FORMAT_VERSION = 1
 
 def preprocess(raw_manifest_uri: str, output_prefix: str, options: PreprocessOptions | None = None) -> dict:
     """Turn the raw shards of a RAW_SHARDS manifest into training shards under ``output_prefix``; return the
-    TRAIN_SHARDS manifest (also committed at ``<output_prefix>/manifest.json``)."""
+    TRAIN_SHARDS manifest (also committed at ``<output_prefix>/manifest.json``).
+
+    After a fan-out of ``filter_part`` over the same inputs and options, this reuses every part's filter results
+    and only plans and re-shards: the merge step."""
     options = options or PreprocessOptions()
     started = time.perf_counter()
     layout = Layout(output_prefix.rstrip("/"))
@@ -98,6 +101,28 @@ def preprocess(raw_manifest_uri: str, output_prefix: str, options: PreprocessOpt
     return doc
 
 
+def filter_part(raw_manifest_uri: str, output_prefix: str, options: PreprocessOptions, part: int,
+                parts: int) -> dict:
+    """The filter phase for the k-th of ``parts`` contiguous groups of input shards (a fan-out over pods). Results
+    go to the prefix's work area; ``preprocess`` on the same prefix then merges: it numbers the samples in input
+    order, so the indices and counts are those of a single run."""
+    if not 0 <= part < parts:
+        raise PreprocessError(f"part {part} is not one of 0..{parts - 1}")
+    layout = Layout(output_prefix.rstrip("/"))
+    raw = read_manifest(raw_manifest_uri, datasets.RAW_SHARDS)
+    inputs = [(shard["uri"], shard["samples"]) for shard in raw["shards"]]
+    if not inputs:
+        raise PreprocessError(f"{raw_manifest_uri} lists no shards")
+    nltk_data.require()
+    _claim(layout, _fingerprint(inputs, options), raw_manifest_uri, options)
+    n = len(inputs)
+    positions = range(part * n // parts, (part + 1) * n // parts)
+    summaries, stats = _filter(layout, inputs, options, positions)
+    return {"part": part, "parts": parts, "input_shards": len(positions),
+            "samples": sum(s["samples"] for s in summaries), "candidates": sum(len(s["hashes"]) for s in summaries),
+            **stats}
+
+
 def _fingerprint(inputs: list[tuple[str, int]], options: PreprocessOptions) -> str:
     basis = {"format": FORMAT_VERSION, "inputs": inputs, "options": options.output_settings()}
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
@@ -126,17 +151,23 @@ def _claim(layout: Layout, fingerprint: str, raw_manifest_uri: str, options: Pre
         log.info("continuing the unfinished run in %s", layout.prefix)
         return
     if next(iter(store.list_objects(layout.prefix + "/")), None) is not None:
+        if store.exists(layout.plan_uri):  # another part of a fan-out claimed it just now
+            return _claim(layout, fingerprint, raw_manifest_uri, options)
         raise PreprocessError(f"{layout.prefix} is not empty and holds no preprocess run; choose an empty prefix")
     store.put_bytes(layout.plan_uri, json.dumps({
         "fingerprint": fingerprint, "raw_manifest_uri": raw_manifest_uri, "options": options.model_dump(mode="json"),
     }).encode())
 
 
-def _filter(layout: Layout, inputs: list[tuple[str, int]], options: PreprocessOptions) -> tuple[list[dict], dict]:
-    """Every input shard's summary, in input order (reusing those a crashed run finished), and throughput."""
+def _filter(layout: Layout, inputs: list[tuple[str, int]], options: PreprocessOptions,
+            positions: range | None = None) -> tuple[list[dict], dict]:
+    """The summaries of the input shards at ``positions`` (default: all), in input order (reusing those a crashed run
+    or another part finished), and throughput."""
+    positions = range(len(inputs)) if positions is None else positions
     summaries: dict[int, dict] = {}
     tasks = []
-    for position, (uri, _) in enumerate(inputs):
+    for position in positions:
+        uri = inputs[position][0]
         summary_uri = layout.summary_uri(position)
         if store.exists(summary_uri):
             summaries[position] = json.loads(store.get_bytes(summary_uri))
@@ -167,7 +198,7 @@ def _filter(layout: Layout, inputs: list[tuple[str, int]], options: PreprocessOp
     if images:
         log.info("filter phase: %d images in %.1f s with %d processes: %.1f images/s, %.1f images/s per process",
                  images, wall, processes, stats["images_per_s"], stats["images_per_s_per_process"])
-    return [summaries[p] for p in range(len(inputs))], stats
+    return [summaries[p] for p in positions], stats
 
 
 def _run(tasks: list[FilterTask], processes: int) -> Iterator[dict]:

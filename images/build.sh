@@ -108,7 +108,8 @@ resolve_base() {
 
 build_image() {
   local name="$1" file="$2"
-  local args=(build --isolation chroot --layers -f "$file" -t "$name:$VERSION" --build-arg "BASE_IMAGE=$BASE_IMAGE")
+  # --format docker: the OCI format drops SHELL (RUN would run under /bin/sh without pipefail)
+  local args=(build --isolation chroot --format docker --layers -f "$file" -t "$name:$VERSION" --build-arg "BASE_IMAGE=$BASE_IMAGE")
   [[ -f "$CA_BUNDLE" ]] && args+=(-v "$CA_BUNDLE:/host-ca.crt:ro")
   [[ -n "$APT_SOURCES" ]] && args+=(-v "$APT_SOURCES:/etc/apt/sources.list.d/debian.sources:ro")
   # podman/buildah read <Containerfile>.dockerignore next to the file given with -f; pass it explicitly as well

@@ -139,15 +139,15 @@ def train_timeout_s(recipe: Recipe, nodes: int, gpus_per_node: int) -> int:
 
 def train_on_cluster(recipe: Recipe, recipe_uri: str, data_manifest: str, output: str, *, nodes: int,
                      gpus_per_node: int, image: str, namespace: str, secret: str, service_account: str,
-                     timeout_s: int | None = None, scheduler: str = "pytorchjob") -> dict[str, Any]:
+                     timeout_s: int | None = None, scheduler: Any = None, poll_s: float = 15.0) -> dict[str, Any]:
     """Submit the training PyTorchJob (our torchx scheduler), stream the master's log into this step's log, wait with
     a timeout derived from the recipe, fail when the job fails, and delete the job at the end in every case."""
     import threading
 
-    from torchx.runner import get_runner
     from torchx.specs import AppState
 
     from components.train.launch.component import ROLE_NAME, train
+    from components.train.launch.pytorchjob import create_scheduler
 
     started = time.time()
     timeout_s = timeout_s or train_timeout_s(recipe, nodes, gpus_per_node)
@@ -155,33 +155,32 @@ def train_on_cluster(recipe: Recipe, recipe_uri: str, data_manifest: str, output
     endpoint = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION") if k in os.environ}
     app = train(recipe_uri, data_manifest, output, nnodes=nodes, nproc_per_node=max(1, gpus_per_node),
                 gpu=gpus_per_node, image=image, max_retries=2, env=endpoint)
-    runner = get_runner()
-    handle = runner.run(app, scheduler, cfg={"namespace": namespace, "env_secret": secret,
-                                             "service_account": service_account})
-    log.info("submitted %s; waiting up to %d s", handle, timeout_s)
+    scheduler = scheduler or create_scheduler("clipline")
+    app_id = scheduler.submit(app, {"namespace": namespace, "env_secret": secret, "service_account": service_account})
+    log.info("submitted PyTorchJob %s; waiting up to %d s", app_id, timeout_s)
 
     def stream() -> None:
         try:
-            for line in runner.log_lines(handle, ROLE_NAME, k=0, should_tail=True):
+            for line in scheduler.log_iter(app_id, ROLE_NAME, k=0, should_tail=True):
                 print(line, end="" if line.endswith("\n") else "\n", flush=True)
-        except Exception as exc:  # noqa: BLE001 - logs are best effort; the job status decides the step
+        except Exception as exc:  # noqa: BLE001 - logs are best effort; the job's status decides the step
             log.warning("log streaming stopped: %s", exc)
 
     threading.Thread(target=stream, daemon=True).start()
     try:
         while True:
-            status = runner.status(handle)
-            if status is not None and status.is_terminal():
+            status = scheduler.describe(app_id)
+            if status is not None and status.state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED):
                 break
             if time.time() - started > timeout_s:
-                raise StepError(f"{handle} did not finish within {timeout_s} s (the recipe's samples at "
+                raise StepError(f"PyTorchJob {app_id} did not finish within {timeout_s} s (the recipe's samples at "
                                 f"{MIN_SAMPLES_PER_S} samples/s per GPU plus {SUBMIT_SLACK_S} s)")
-            time.sleep(15)
+            time.sleep(poll_s)
         if status.state != AppState.SUCCEEDED:
-            raise StepError(f"{handle} ended {status.state.name}: {status.msg or 'see the log above'}; rerunning "
-                            f"resumes from the latest checkpoint under {output}")
+            raise StepError(f"PyTorchJob {app_id} ended {status.state.name}: {status.msg or 'see the log above'}; "
+                            f"rerunning resumes from the latest checkpoint under {output}")
     finally:
-        runner.cancel(handle)  # deletes the PyTorchJob (and with cleanPodPolicy its pods), done or not
+        scheduler.cancel(app_id)  # deletes the PyTorchJob (and with cleanPodPolicy its pods), done or not
     return trained(output, started)
 
 

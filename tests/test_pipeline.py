@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from components.common import store
+from components.train.launch.pytorchjob import validate_pytorchjob
 from pipelines import steps
 from pipelines.submit import COMPILED, SUBMITTED, compile_pipeline, submit
 
@@ -225,3 +226,89 @@ def test_fan_out_gives_the_same_dense_indices_and_counts_as_one_part(s3_prefix, 
     assert train3["rejected"] == train1["rejected"]
     assert sorted(samples1) == list(range(train1["num_samples"]))  # dense
     assert samples3 == samples1  # the same sample behind every index
+
+
+# ------------------------------------------------------------------------------------------- train on a cluster
+
+
+class _Cluster:
+    """The two Kubernetes API groups our PyTorchJob scheduler calls, answering like a cluster whose job runs for a
+    few polls and then ends in ``final`` (no Kubernetes API server runs here)."""
+
+    def __init__(self, final: str | None, polls: int = 3):
+        self.jobs, self.created, self.deleted, self.final, self.polls = {}, [], [], final, polls
+
+    # CustomObjectsApi
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.jobs[(namespace, body["metadata"]["name"])] = body
+        self.created.append(body)
+        return body
+
+    def get_namespaced_custom_object_status(self, group, version, namespace, plural, name):
+        job = self.jobs[(namespace, name)]
+        self.polls -= 1
+        conditions = [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]
+        if self.polls <= 0 and self.final:
+            conditions.append({"type": self.final, "status": "True", "message": f"job {self.final.lower()}"})
+        return {**job, "status": {"conditions": conditions}}
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.deleted.append(name)
+        del self.jobs[(namespace, name)]
+
+    # CoreV1Api
+    def read_namespaced_pod_log(self, **kw):
+        return "train step=1/2 loss=0.9\ntrain step=2/2 loss=0.8\n"
+
+
+def _scheduler(cluster: _Cluster):
+    from components.train.launch.pytorchjob import create_scheduler
+
+    scheduler = create_scheduler("test")
+    scheduler._custom = lambda: cluster
+    scheduler._core = lambda: cluster
+    return scheduler
+
+
+@pytest.mark.parametrize("final, error", [("Succeeded", None), ("Failed", "ended FAILED"),
+                                          (None, "did not finish within 1 s")])
+def test_cluster_train_step_submits_waits_and_always_deletes_the_job(final, error, tmp_path, monkeypatch):
+    from components.common.recipe import load_recipe
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.clipline.svc:9000")
+    output = (tmp_path / "train").as_uri()
+    store.put_bytes(store.join(output, "metrics.json"), json.dumps({"samples_seen": 48000, "stages": []}).encode())
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    recipe_uri = (tmp_path / "recipe.yaml").as_uri()
+    store.put_bytes(recipe_uri, yaml.safe_dump(recipe.document()).encode())
+    cluster = _Cluster(final)
+    call = dict(nodes=2, gpus_per_node=4, image="clipline:0.1.0", namespace="ml", secret="clipline-store-credentials",
+                service_account="clipline-pipeline", scheduler=_scheduler(cluster), poll_s=0.01,
+                timeout_s=1 if final is None else 60)
+    if error:
+        with pytest.raises(steps.StepError, match=error):
+            steps.train_on_cluster(recipe, recipe_uri, "s3://b/run/train-data/manifest.json", output, **call)
+    else:
+        doc = steps.train_on_cluster(recipe, recipe_uri, "s3://b/run/train-data/manifest.json", output, **call)
+        assert doc["samples_seen"] == 48000 and doc["model"].endswith("/model/manifest.json")
+    (job,) = cluster.created
+    assert cluster.deleted == [job["metadata"]["name"]] and cluster.jobs == {}  # deleted however it ended
+    validate_pytorchjob(job)
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    (container,) = master["containers"]
+    assert container["command"][:3] == ["torchrun", "--nnodes=2", "--nproc_per_node=4"]
+    assert recipe_uri in container["command"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.clipline.svc:9000"  # the endpoint, not a secret
+    assert "AWS_SECRET_ACCESS_KEY" not in env and container["envFrom"] == [{"secretRef": {
+        "name": "clipline-store-credentials"}}]
+    assert master["serviceAccountName"] == "clipline-pipeline"
+
+
+def test_train_timeout_follows_the_recipe():
+    from components.common.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")  # 48,000 samples
+    one_gpu, many = steps.train_timeout_s(recipe, 1, 1), steps.train_timeout_s(recipe, 4, 8)
+    assert one_gpu == int(48000 / steps.MIN_SAMPLES_PER_S) + steps.SUBMIT_SLACK_S
+    assert steps.SUBMIT_SLACK_S < many < one_gpu  # more GPUs, less time

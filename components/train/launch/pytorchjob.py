@@ -224,7 +224,9 @@ def app_to_pytorchjob(app: AppDef, cfg: Mapping[str, Any], suffix: Optional[str]
     role = values.apply(role)
     command, nproc = _torchrun_command(role, nnodes)
 
-    env = {**DEFAULT_NCCL_ENV, **role.env, "TORCHX_JOB_ID": f"pytorchjob://{cfg.get('namespace') or 'default'}:{name}"}
+    # A read-only root filesystem: HOME and caches (torch.compile, matplotlib) live in the /tmp emptyDir.
+    env = {**DEFAULT_NCCL_ENV, "HOME": "/tmp/home", "XDG_CACHE_HOME": "/tmp/cache", **role.env,
+           "TORCHX_JOB_ID": f"pytorchjob://{cfg.get('namespace') or 'default'}:{name}"}
     container: Dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": role.image,
@@ -232,10 +234,11 @@ def app_to_pytorchjob(app: AppDef, cfg: Mapping[str, Any], suffix: Optional[str]
         "command": command,
         "env": [{"name": k, "value": str(v)} for k, v in env.items()],
         "resources": _resources(role),
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -252,10 +255,12 @@ def app_to_pytorchjob(app: AppDef, cfg: Mapping[str, Any], suffix: Optional[str]
     pod_spec: Dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
-        "volumes": [{"name": "dshm", "emptyDir": shm}],
+        "volumes": [{"name": "dshm", "emptyDir": shm}, {"name": "tmp", "emptyDir": {}}],
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": int(cfg.get("run_as_user") or 1000),
+            "runAsGroup": int(cfg.get("run_as_user") or 1000),
+            "fsGroup": int(cfg.get("run_as_user") or 1000),
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML (default: %(default)s)")
     run.add_argument("--url-list", help="URL list to ingest (default: the offline demo source)")
-    run.add_argument("--demo-limit", type=int, default=1000,
+    run.add_argument("--demo-limit", type=int, default=3000,
                      help="demo source: at most this many images per source (default: %(default)s)")
     run.add_argument("--run-prefix", help="s3:// or file:// prefix for the run's outputs "
                                           "(default: s3://clipline/runs/<recipe>-<time>)")

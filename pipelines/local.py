@@ -42,7 +42,7 @@ def run_local(
     recipe_path: str | Path,
     *,
     url_list: str | None = None,
-    demo_limit: int | None = 1000,
+    demo_limit: int | None = 3000,
     run_prefix: str | None = None,
     models_prefix: str | None = None,
     store_dir: str | Path = ".clipline/store",

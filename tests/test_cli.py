@@ -71,7 +71,9 @@ def test_store_up_status_down(tmp_path):
 
 def test_bad_recipe_fails_before_anything_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "configs" / "demo.yaml").read_text().replace("batch_size: 128", "batch_sise: 128"))
+    text = (ROOT / "configs" / "demo.yaml").read_text()
+    assert "\nbatch_size:" in text
+    bad.write_text(text.replace("\nbatch_size:", "\nbatch_sise:"))
     result = clipline("run", "--recipe", str(bad), "--store-dir", str(tmp_path / "store"))
     assert result.returncode == 2
     assert "unknown key 'batch_sise'" in result.stderr

@@ -29,7 +29,8 @@ def test_demo_recipe_values():
     recipe = load_recipe(Path(__file__).parents[1] / "configs" / "demo.yaml")
     assert recipe.objective.name == "fastclip" and recipe.objective.fastclip.version == "v3"
     assert [s.name for s in recipe.stages] == ["pretrain", "finetune"]
-    assert recipe.lr(recipe.stages[0]) == pytest.approx(2.0e-3 * 128 / 256)
+    assert recipe.lr(recipe.stages[0]) == pytest.approx(recipe.stages[0].base_lr * recipe.batch_size / 256)
+    assert recipe.resolutions() == (16, 32)  # stage 1 at 16 px, the model's 32 px in stage 2
 
 
 def test_defaults_follow_the_spec():

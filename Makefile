@@ -9,7 +9,7 @@ APT_PACKAGES := fonts-noto-color-emoji unicode-data openclipart-png openclipart-
 APT_PACKAGES += chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install sysdeps test demo clean
+.PHONY: install sysdeps test demo bench clean
 
 install: sysdeps $(STAMP)
 
@@ -34,6 +34,10 @@ test: install
 
 demo: install
 	$(BIN)/clipline run --recipe configs/demo.yaml
+
+# Every benchmark in one run: tables on stdout; results.json, logs and plots in bench-results/ (~50 min, 2 cores).
+bench: install
+	$(BIN)/python benchmarks/run_all.py --out bench-results
 
 clean:
 	-$(BIN)/clipline store down 2>/dev/null

@@ -60,7 +60,6 @@ def run_local(
 
     recipe = load_recipe(recipe_path)
     check_recipe(recipe, nproc_per_node, source=str(recipe_path))  # every recipe problem before anything starts
-    recipe.resolutions()
     started = time.time()
     state_root = Path(store_dir).parent
     with object_store(Path(store_dir), use_env_store) as endpoint:

@@ -97,6 +97,7 @@ def train(train_data: Input[Artifact], recipe: str, objective: str, run_prefix: 
     if launcher == "local":
         doc = steps.train_step(recipe_uri, data["manifest"], output, nproc_per_node=max(1, gpus_per_node))
     elif launcher == "pytorchjob":
+        # Literals, not the module's constants: kfp embeds only this function's source in the component.
         doc = steps.train_on_cluster(effective, recipe_uri, data["manifest"], output, nodes=nodes,
                                      gpus_per_node=gpus_per_node, image=image, namespace=namespace,
                                      secret="clipline-store-credentials", service_account="clipline-pipeline")

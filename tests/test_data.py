@@ -3,7 +3,6 @@ read from file:// and from the real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest

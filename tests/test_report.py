@@ -7,7 +7,6 @@ import io
 import json
 import math
 import random
-import re
 import shutil
 import subprocess
 from html.parser import HTMLParser

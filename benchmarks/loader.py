@@ -44,18 +44,20 @@ TEXT_LENGTH = 32
 SHARD_SIZE = 256
 
 
-def make_shards(root: Path, per_source: int, size: int, raw_side: int) -> tuple[list[Path], str, int, dict]:
-    """Ingest the demo source and preprocess it; returns (raw shard paths, training manifest, N, stage figures)."""
+def make_shards(root: Path, per_source: int, size: int,
+                raw_side: int) -> tuple[list[tuple[Path, int]], str, int, dict]:
+    """Ingest the demo source and preprocess it; returns ((raw shard path, samples) per raw shard, training
+    manifest, N, stage figures)."""
     ingested = ingest_demo((root / "ingest").as_uri(), IngestOptions(image_size=raw_side,
                                                                      number_sample_per_shard=SHARD_SIZE),
                            limit=per_source)
     prepared = preprocess(store.join((root / "ingest").as_uri(), "manifest.json"), (root / "train").as_uri(),
                           PreprocessOptions(resolutions=(size,), shard_size=SHARD_SIZE, min_image_side=size))
-    raw_tars = [store.local_path(s["uri"]) for s in ingested["shards"]]
+    raw = [(store.local_path(s["uri"]), s["samples"]) for s in ingested["shards"]]
     figures = {"ingest images/s": ingested["images_per_s"],
                "preprocess images/s per process": prepared["images_per_s_per_process"],
                "preprocess processes": prepared["filter_processes"]}
-    return raw_tars, store.join((root / "train").as_uri(), "manifest.json"), prepared["num_samples"], figures
+    return raw, store.join((root / "train").as_uri(), "manifest.json"), prepared["num_samples"], figures
 
 
 def timed_epochs(run_epoch: Callable[[int], int], epochs: int) -> tuple[float, float]:
@@ -121,14 +123,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="clipline-loader-bench-") as tmp:
         t0 = time.perf_counter()
-        raw_tars, manifest, n, figures = make_shards(Path(tmp), args.per_source, args.size, args.raw_side)
+        raw, manifest, n, figures = make_shards(Path(tmp), args.per_source, args.size, args.raw_side)
+        # open_clip_train's pipeline repeats a worker's shards until that worker has made its batches, so a worker
+        # whose shards hold less than one batch loops forever (no batch ever comes out): leave out shards smaller
+        # than a batch (the partial last one), which keeps every worker's share at least one batch.
+        raw_tars = [path for path, samples in raw if samples >= args.batch]
         raw_mb = sum(p.stat().st_size for p in raw_tars) / 1e6
         train_mb = sum(p.stat().st_size for p in (Path(tmp) / "train").rglob("*.tar")) / 1e6
         print(f"ingest + preprocess of the demo source: {n} training samples in {time.perf_counter() - t0:.1f} s; "
               f"raw shards {raw_mb:.1f} MB ({args.raw_side} px), training shards {train_mb:.1f} MB ({args.size} px)")
         print("  " + ", ".join(f"{k}: {v}" for k, v in figures.items()))
-        print(f"batch {args.batch}, {args.workers} workers, text {TEXT_LENGTH} tokens, {len(raw_tars)} raw shards, "
-              f"1 warm-up + {args.epochs} timed epochs each, os.cpu_count()={os.cpu_count()}")
+        print(f"batch {args.batch}, {args.workers} workers, text {TEXT_LENGTH} tokens, {len(raw_tars)} of the {len(raw)} raw "
+              f"shards for open_clip_train, 1 warm-up + {args.epochs} timed epochs each, os.cpu_count()={os.cpu_count()}")
 
         rates = {}
         for name, run in (("open_clip_train get_wds_dataset, raw shards", open_clip_run(raw_tars, n, args)),

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/quality.py [--per-source 3000] [--raw-side 64] [--samples 98304] [--batches 64 256]
         [--seeds 3] [--objectives clip siglip fastclip-v3 amorlip-log_l2] [--evals 4] [--base-lr 2e-3]
         [--workers 1] [--threads 2] [--clipa-seeds 1] [--clipa-objective clip] [--clipa-finetune 0.2]
-        [--only quality|clipa] [--out DIR] [--json PATH]
+        [--only quality|clipa|variants] [--variant-batch 64] [--variant-seeds 2] [--variants PREFIX ...]
+        [--out DIR] [--json PATH]
 
 Data: made once, in this run, by the real stages from the offline demo source (as in ``benchmarks/loader.py``):
 ``ingest_demo`` (--per-source images per source, raw JPEGs at --raw-side px, 10 % per source held out) and
@@ -22,7 +23,8 @@ each one's model weights are evaluated zero-shot with ``components.evaluate.eval
 metrics, text at the full 16 tokens). The table shows, per objective and batch, mean +- sample standard deviation
 over the seeds of the final model's animal_mnist acc1, the mean acc1 over the classification benchmarks, emoji_names
 retrieval R@5 in both directions (t->i: texts whose image is in their top 5 images; i->t: images with a caption in
-their top 5 texts) and the training wall seconds (checkpoints included, evaluation not). ``accuracy_vs_samples.png``
+their top 5 texts), the training wall seconds (checkpoints included, evaluation not) and the final temperature
+tau = 1 / exp(logit_scale) (FastCLIP v2's per-sample temperatures are not in it). ``accuracy_vs_samples.png``
 (under --out) plots the mean classification acc1 and animal_mnist acc1 against samples seen, one curve per objective
 in one panel per batch, the mean over seeds with a band of +- one standard deviation. matplotlib is not among the
 project's dependencies, so the plot is drawn with Pillow.
@@ -37,6 +39,20 @@ metrics, the wall seconds and the speed-up in wall time over full tokens; ``clip
 samples seen. The tiny model's step is dominated by the fixed work on its 49408 x 64 token embedding (gradient and
 AdamW update), so the wall-clock saving is far smaller here than CLIPA's at ViT-B scale (``trainer.py`` part 2 times
 the steps of a bigger model).
+
+Part 3, only with --only variants (not in ``make bench``: 26 runs): why FastCLIP and AmorLIP do or do not beat clip
+here. At --variant-batch, --variant-seeds seeds, the defaults of clip, fastclip-v3 and amorlip-log_l2 as controls
+against settings scaled to this run's length E epochs (``variants``): FastCLIP's gamma decayed over E / 2 epochs (its
+README's advice; the default 10 is tuned for longer runs) or constant from epoch 1 (the earliest any schedule can
+decay, which brackets a per-step schedule: that differs from the per-epoch one by less than an epoch's shift), a
+floor gamma_min 0.8 (the reference code's default) instead of 0.2, rho
+6.5 (its CC3M value), v0 (one temperature learnt from its loss's gradient, as clip's); AmorLIP's beta ramped over E
+epochs (the paper's formula; the default 16 is longer than this run), its lambda networks kept across epochs instead
+of refitted from scratch at each one (an epoch here is ~120 steps), its temperature lr 1e-3 instead of 1e-4, all
+three, and lr 1e-3 with rho 8.5 throughout (the default rho list turns to -8.5 after a third of the epochs, which
+pushes tau up). The table is part 1's; each setting is compared with
+clip and with its objective's defaults. ``--variants`` picks settings by label prefix, so two processes can share the
+work (``--variants clip fastclip`` and ``--variants amorlip``, ``--threads 1`` each).
 
 The machine may be shared: wall seconds are this run's. Measured on the 2-core CPU: data ~75 s (7,845 training
 samples, ~12.5 epochs at the default budget); a run trains at ~1,000 samples/s at batch 64 and ~1,430 at batch 256
@@ -126,8 +142,8 @@ def make_data(root: Path, per_source: int, raw_side: int, workers: int) -> dict[
 # ------------------------------------------------------------------------------------------------------------- runs
 
 
-def recipe_doc(objective: str, batch: int, seed: int, samples: int, base_lr: float, evals: int, workers: int,
-               stage1_image: dict | None = None, finetune_share: float = 0.0) -> dict[str, Any]:
+def recipe_doc(objective: dict[str, Any], batch: int, seed: int, samples: int, base_lr: float, evals: int,
+               workers: int, stage1_image: dict | None = None, finetune_share: float = 0.0) -> dict[str, Any]:
     """One run's recipe: one full-token stage, or CLIPA's stage 1 (``stage1_image``) + a full-token finetune."""
     steps = samples // batch
     if stage1_image is None:
@@ -139,7 +155,7 @@ def recipe_doc(objective: str, batch: int, seed: int, samples: int, base_lr: flo
                   {"name": "finetune", "samples": finetune_steps * batch, "base_lr": base_lr * FINETUNE_LR_FACTOR,
                    "warmup": FINETUNE_WARMUP}]
     return {
-        "name": "bench-quality", "seed": seed, "model": {"config": MODEL}, "objective": OBJECTIVES[objective],
+        "name": "bench-quality", "seed": seed, "model": {"config": MODEL}, "objective": objective,
         "batch_size": batch, "precision": "fp32", "stages": stages,
         "checkpoint": {"every_steps": max(1, steps // evals), "every_minutes": None, "keep": evals + 3},
         "data": {"workers": workers},
@@ -191,7 +207,8 @@ def run_one(root: Path, data: dict[str, Any], doc: dict[str, Any], tag: str) -> 
                           checkpoint=str(weights), device="cpu")
         chance = chance or chance_levels(result)
         points.append({"step": step, "samples": step * recipe.batch_size,
-                       "stage": recipe.stages[state["position"]["stage"]].name, **summarise(result)})
+                       "stage": recipe.stages[state["position"]["stage"]].name, **summarise(result),
+                       "tau": math.exp(-state["model"]["logit_scale"].item())})  # FastCLIP v2's own taus aside
     eval_seconds = time.perf_counter() - t0
     shutil.rmtree(output, ignore_errors=True)
     stages = trained.metrics["stages"]
@@ -232,14 +249,16 @@ COLUMNS = (("animal_mnist acc1", f"{ANIMALS}/acc1"), ("mean cls acc1", "mean_acc
 def print_table(title: str, groups: dict[str, list[dict[str, Any]]], first: str, extra: dict[str, str] | None = None,
                 chance: dict[str, float] | None = None) -> None:
     print(title)
-    head = f"{first:<30}" + "".join(f"{name:>17}" for name, _ in COLUMNS) + f"{'wall s':>15}{'samples/s':>11}"
+    head = (f"{first:<30}" + "".join(f"{name:>17}" for name, _ in COLUMNS)
+            + f"{'wall s':>15}{'samples/s':>11}{'final τ':>9}")
     if extra:
         head += "".join(f"{k:>12}" for k in extra)
     print(head)
     for label, runs in groups.items():
         row = f"{label:<30}" + "".join(f"{pct([r['final'][key] for r in runs]):>17}" for _, key in COLUMNS)
         m, s = mean_std([r["wall_s"] for r in runs])
-        row += f"{m:>9.1f} ± {s:3.0f}" + f"{statistics.mean(r['samples_per_s'] for r in runs):>11.0f}"
+        row += (f"{m:>9.1f} ± {s:3.0f}" + f"{statistics.mean(r['samples_per_s'] for r in runs):>11.0f}"
+                + f"{statistics.mean(r['final']['tau'] for r in runs):>9.3f}")
         if extra:
             row += "".join(f"{v[label]:>12}" for v in extra.values())
         print(row)
@@ -259,7 +278,7 @@ def quality_part(root: Path, data: dict[str, Any], args: argparse.Namespace) -> 
         for batch in args.batches:
             for objective in args.objectives:
                 tag = f"{objective}-b{batch}-s{seed}"
-                run = run_one(root, data, recipe_doc(objective, batch, seed, args.samples, args.base_lr,
+                run = run_one(root, data, recipe_doc(OBJECTIVES[objective], batch, seed, args.samples, args.base_lr,
                                                      args.evals, args.workers), tag)
                 runs[objective][batch].append(run)
                 if args.json:  # partial figures after every run: a run cut short still leaves them
@@ -281,7 +300,7 @@ def quality_part(root: Path, data: dict[str, Any], args: argparse.Namespace) -> 
     verdict = compare_to_clip(runs, args)
     for line in verdict:
         print(line)
-    hyper = {o: load(Recipe, recipe_doc(o, args.batches[0], 0, args.samples, args.base_lr, args.evals,
+    hyper = {o: load(Recipe, recipe_doc(OBJECTIVES[o], args.batches[0], 0, args.samples, args.base_lr, args.evals,
                                         args.workers), o).objective.model_dump(mode="json")[OBJECTIVES[o]["name"]]
              if OBJECTIVES[o]["name"] in ("siglip", "fastclip", "amorlip") else {} for o in args.objectives}
     print("objective settings (recipe defaults): " + "; ".join(f"{o}: {json.dumps(h)}" for o, h in hyper.items()))
@@ -307,23 +326,32 @@ def quality_part(root: Path, data: dict[str, Any], args: argparse.Namespace) -> 
 
 
 def compare_to_clip(runs: dict[str, dict[int, list[dict]]], args: argparse.Namespace) -> list[str]:
-    """Each objective's mean classification acc1 minus clip's, per batch, with a rough standard error."""
+    """Each objective minus clip, per batch, in mean classification acc1 and in retrieval, with standard errors."""
     if "clip" not in runs:
         return []
-    lines = ["difference to clip in mean cls acc1 (percentage points; ± the standard error of the difference of "
-             "two means over seeds):"]
-    for batch in args.batches:
-        base = [r["final"]["mean_acc1"] for r in runs["clip"][batch]]
-        parts = []
-        for o in args.objectives:
-            if o == "clip":
-                continue
-            mine = [r["final"]["mean_acc1"] for r in runs[o][batch]]
-            diff = statistics.mean(mine) - statistics.mean(base)
-            se = math.sqrt(sum((statistics.stdev(v) ** 2 / len(v)) if len(v) > 1 else 0.0 for v in (mine, base)))
-            parts.append(f"{o} {100 * diff:+.1f} ± {100 * se:.1f}")
-        lines.append(f"  batch {batch}: " + ", ".join(parts))
+    lines = []
+    for metric in COMPARED:
+        lines.append(DIFFERENCE_HEAD.format(base="clip", metric=metric))
+        lines += [f"  batch {batch}: " + differences({o: runs[o][batch] for o in args.objectives if o != "clip"},
+                                                     runs["clip"][batch], COMPARED[metric]) for batch in args.batches]
     return lines
+
+
+COMPARED = {"mean cls acc1": "mean_acc1", "emoji t→i R@5": "t2i_r5"}
+DIFFERENCE_HEAD = ("difference to {base} in {metric} (percentage points; ± the standard error of the difference of "
+                   "two means over seeds):")
+
+
+def differences(groups: dict[str, list[dict[str, Any]]], base: list[dict[str, Any]], key: str) -> str:
+    """'label +d ± se, ...': each group's mean final ``key`` minus the base runs', with the standard error."""
+    base_values = [r["final"][key] for r in base]
+    parts = []
+    for label, runs in groups.items():
+        mine = [r["final"][key] for r in runs]
+        diff = statistics.mean(mine) - statistics.mean(base_values)
+        se = math.sqrt(sum(statistics.stdev(v) ** 2 / len(v) if len(v) > 1 else 0.0 for v in (mine, base_values)))
+        parts.append(f"{label} {100 * diff:+.1f} ± {100 * se:.1f}")
+    return ", ".join(parts)
 
 
 def clipa_part(root: Path, data: dict[str, Any], args: argparse.Namespace,
@@ -341,14 +369,14 @@ def clipa_part(root: Path, data: dict[str, Any], args: argparse.Namespace,
             groups["full tokens"].append(reused[seed])
             print(f"  full tokens, seed {seed}: the part-1 run {reused[seed]['tag']}", flush=True)
         else:
-            run = run_one(root, data, recipe_doc(objective, batch, seed, args.samples, args.base_lr, args.evals,
-                                                 args.workers), f"clipa-full-s{seed}")
+            run = run_one(root, data, recipe_doc(OBJECTIVES[objective], batch, seed, args.samples, args.base_lr,
+                                                 args.evals, args.workers), f"clipa-full-s{seed}")
             groups["full tokens"].append(run)
             print(f"  full tokens, seed {seed}: wall {run['wall_s']:.1f} s", flush=True)
         for name, image in CLIPA_IMAGES.items():
             tag = f"clipa-{name.split()[0]}-s{seed}"
-            run = run_one(root, data, recipe_doc(objective, batch, seed, args.samples, args.base_lr, args.evals,
-                                                 args.workers, stage1_image=image,
+            run = run_one(root, data, recipe_doc(OBJECTIVES[objective], batch, seed, args.samples, args.base_lr,
+                                                 args.evals, args.workers, stage1_image=image,
                                                  finetune_share=args.clipa_finetune), tag)
             label = f"{name} + ft"
             groups.setdefault(label, []).append(run)
@@ -381,6 +409,73 @@ def clipa_part(root: Path, data: dict[str, Any], args: argparse.Namespace,
     return {"objective": objective, "batch": batch, "samples": args.samples, "finetune_share": args.clipa_finetune,
             "seeds": args.clipa_seeds, "plot": str(png) if png else None, "speedup": speedup,
             "runs": groups,
+            "summary": {label: {key: mean_std([r["final"][key] for r in rs]) for key in rs[0]["final"]
+                                if key not in ("step", "samples", "stage")}
+                        | {"wall_s": mean_std([r["wall_s"] for r in rs])} for label, rs in groups.items()}}
+
+
+def variants(epochs: int) -> dict[str, dict[str, Any]]:
+    """Part 3's settings: what might keep FastCLIP and AmorLIP from beating clip on a small dataset, each scaled to
+    this run's length (``epochs``), with every objective's defaults as its control."""
+    def fastclip(**settings: Any) -> dict[str, Any]:
+        return {"name": "fastclip", "fastclip": {"version": "v3", **settings}}
+
+    def amorlip(**settings: Any) -> dict[str, Any]:
+        return {"name": "amorlip", "amorlip": {"divergence": "log_l2", **settings}}
+
+    half = max(1, epochs // 2)
+    return {
+        "clip": OBJECTIVES["clip"],
+        "fastclip-v3": OBJECTIVES["fastclip-v3"],
+        f"fastclip-v3 γ decay {half} ep": fastclip(gamma_decay_epochs=half),  # FastCLIP's README: epochs / 2
+        "fastclip-v3 γ constant": fastclip(gamma_schedule="constant"),  # γ_min from epoch 1: the earliest schedule
+        "fastclip-v3 γ_min 0.8": fastclip(gamma_min=0.8),  # the reference code's default: u trusts new batches more
+        "fastclip-v3 ρ 6.5": fastclip(rho=6.5),  # FastCLIP's CC3M value (8.0: its default)
+        "fastclip-v0": {"name": "fastclip", "fastclip": {"version": "v0"}},  # one temperature learnt as clip's is
+        "amorlip-log_l2": OBJECTIVES["amorlip-log_l2"],
+        f"amorlip β ramp {epochs} ep": amorlip(beta_ramp_epochs=epochs),  # the paper's formula: the run's epochs
+        "amorlip λ nets kept": amorlip(reinit_every_epochs=epochs),  # fitted across epochs, not refitted per epoch
+        "amorlip lr_tau 1e-3": amorlip(lr_tau=1e-3),  # 1e-4 per step moves ln(1/τ) little in a ~1,500-step run
+        "amorlip all three": amorlip(beta_ramp_epochs=epochs, reinit_every_epochs=epochs, lr_tau=1e-3),
+        "amorlip lr_tau 1e-3 ρ 8.5": amorlip(lr_tau=1e-3, rho=[8.5]),  # no late -8.5 blocks pushing τ back up
+    }
+
+
+def variant_comparisons(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Every setting against clip, and each objective's settings against its defaults."""
+    lines = []
+    for control in ("clip", "fastclip-v3", "amorlip-log_l2"):
+        family = "" if control == "clip" else control.split("-")[0]
+        others = {label: rs for label, rs in groups.items() if label != control and label.startswith(family)}
+        if control in groups and others:
+            for metric, key in COMPARED.items():
+                lines += [DIFFERENCE_HEAD.format(base=control, metric=metric),
+                          "  " + differences(others, groups[control], key)]
+    return lines
+
+
+def variants_part(root: Path, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    batch, epochs = args.variant_batch, math.ceil(args.samples / data["num_samples"])
+    chosen = {label: objective for label, objective in variants(epochs).items()
+              if not args.variants or label.startswith(tuple(args.variants))}
+    print(f"\nPart 3: why (not) better than clip here. Batch {batch}, {args.samples} samples ({epochs} epochs), seeds "
+          f"0..{args.variant_seeds - 1}; each setting changes the objective's defaults as its label says", flush=True)
+    groups: dict[str, list[dict[str, Any]]] = {label: [] for label in chosen}
+    for seed in range(args.variant_seeds):
+        for n, (label, objective) in enumerate(chosen.items()):
+            run = run_one(root, data, recipe_doc(objective, batch, seed, args.samples, args.base_lr, args.evals,
+                                                 args.workers), f"variant{n}-s{seed}")
+            groups[label].append(run)
+            print(f"  {label:<28} seed {seed}: mean acc1 {100 * run['final']['mean_acc1']:5.1f}, final τ "
+                  f"{run['final']['tau']:.3f}, wall {run['wall_s']:.0f} s", flush=True)
+    print()
+    print_table(f"Settings against the defaults (batch {batch}, {args.samples} samples; %, mean ± std over "
+                f"{args.variant_seeds} seeds)", groups, "setting")
+    lines = variant_comparisons(groups)
+    for line in lines:
+        print(line)
+    return {"batch": batch, "samples": args.samples, "epochs": epochs, "seeds": args.variant_seeds,
+            "settings": chosen, "comparison": lines, "runs": groups,
             "summary": {label: {key: mean_std([r["final"][key] for r in rs]) for key in rs[0]["final"]
                                 if key not in ("step", "samples", "stage")}
                         | {"wall_s": mean_std([r["wall_s"] for r in rs])} for label, rs in groups.items()}}
@@ -507,7 +602,10 @@ def main() -> None:
     parser.add_argument("--clipa-seeds", type=int, default=1)
     parser.add_argument("--clipa-objective", default="clip", choices=list(OBJECTIVES))
     parser.add_argument("--clipa-finetune", type=float, default=0.2, help="share of the samples in the finetune")
-    parser.add_argument("--only", choices=("quality", "clipa"), help="run one part only")
+    parser.add_argument("--variant-batch", type=int, default=64, help="part 3's global batch")
+    parser.add_argument("--variant-seeds", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", help="part 3: only the settings whose label starts with one of these")
+    parser.add_argument("--only", choices=("quality", "clipa", "variants"), help="run one part only")
     parser.add_argument("--out", type=Path, help="directory for the PNG plots")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
@@ -541,6 +639,8 @@ def main() -> None:
             quality = figures["quality"] = quality_part(root, data, args)
         if args.only in (None, "clipa"):
             figures["clipa"] = clipa_part(root, data, args, quality)
+        if args.only == "variants":  # not in the default run: ~20 runs, see the module docstring
+            figures["variants"] = variants_part(root, data, args)
     figures["wall_s"] = time.perf_counter() - started
     print(f"\nquality.py total {figures['wall_s']:.0f} s")
     if args.json:

@@ -35,13 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from results_md import render
+
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 
 QUICK = {
     "objectives": ["--rounds", "2", "--steps", "2"],
     "loader": ["--per-source", "200", "--epochs", "1"],
-    "trainer": ["--per-source", "300", "--epochs", "1", "--repeats", "1", "--clipa-model", "tiny",
+    "trainer": ["--per-source", "300", "--epochs", "3", "--repeats", "1", "--clipa-model", "tiny",
                 "--clipa-rounds", "2"],
     "quality": ["--per-source", "300", "--seeds", "1", "--samples", "2048", "--evals", "2"],
 }
@@ -159,13 +161,15 @@ def main() -> None:
     total = time.perf_counter() - started
     results["wall_s"] = round(total, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "RESULTS.md").write_text(render(results, "."))  # the README's section: benchmarks/results_md.py --readme
 
     print(f"\n{'=' * 100}\nsummary ({'quick settings: not figures to report' if args.quick else 'full settings'})")
     print(f"{'benchmark':<14}{'exit':>6}{'wall s':>10}{'peak RSS MB':>14}")
     for name, r in results["benchmarks"].items():
         print(f"{name:<14}{r['returncode']:>6}{r['wall_s']:>10.0f}{r['peak_rss_mb']:>14.0f}")
     pngs = sorted(str(p.relative_to(out)) for p in out.glob("*.png"))
-    print(f"plots in {out}: {', '.join(pngs) or 'none'}; figures: {out / 'results.json'}")
+    print(f"plots in {out}: {', '.join(pngs) or 'none'}; figures: {out / 'results.json'}; the README's section: "
+          f"{out / 'RESULTS.md'}")
     print(f"total wall time {total / 60:.1f} min ({total:.0f} s) on {os.cpu_count()} CPUs")
     failed = [n for n, r in results["benchmarks"].items() if r["returncode"] != 0]
     if failed:

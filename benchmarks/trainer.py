@@ -194,7 +194,11 @@ def open_clip_rates(root: Path, pattern: str, epoch_samples: int, args: argparse
 
 
 def after_warmup(run: dict[str, Any], share: float) -> list[float]:
-    return [rate for step, rate in run["windows"] if step > share * run["steps"]]
+    rates = [rate for step, rate in run["windows"] if step > share * run["steps"]]
+    if not rates:
+        raise SystemExit(f"no timing window after the first {share:.0%} of {run['steps']} steps: raise --epochs or "
+                         "lower --log-every")
+    return rates
 
 
 @contextlib.contextmanager

@@ -133,8 +133,9 @@ def main() -> None:
         print(f"ingest + preprocess of the demo source: {n} training samples in {time.perf_counter() - t0:.1f} s; "
               f"raw shards {raw_mb:.1f} MB ({args.raw_side} px), training shards {train_mb:.1f} MB ({args.size} px)")
         print("  " + ", ".join(f"{k}: {v}" for k, v in figures.items()))
-        print(f"batch {args.batch}, {args.workers} workers, text {TEXT_LENGTH} tokens, {len(raw_tars)} of the {len(raw)} raw "
-              f"shards for open_clip_train, 1 warm-up + {args.epochs} timed epochs each, os.cpu_count()={os.cpu_count()}")
+        print(f"batch {args.batch}, {args.workers} workers, text {TEXT_LENGTH} tokens, {len(raw_tars)} of the "
+              f"{len(raw)} raw shards for open_clip_train, 1 warm-up + {args.epochs} timed epochs each, "
+              f"os.cpu_count()={os.cpu_count()}")
 
         rates = {}
         for name, run in (("open_clip_train get_wds_dataset, raw shards", open_clip_run(raw_tars, n, args)),

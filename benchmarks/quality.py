@@ -44,20 +44,19 @@ Part 3, only with --only variants (not in ``make bench``: 26 runs): why FastCLIP
 here. At --variant-batch, --variant-seeds seeds, the defaults of clip, fastclip-v3 and amorlip-log_l2 as controls
 against settings scaled to this run's length E epochs (``variants``): FastCLIP's gamma decayed over E / 2 epochs (its
 README's advice; the default 10 is tuned for longer runs) or constant from epoch 1 (the earliest any schedule can
-decay, which brackets a per-step schedule: that differs from the per-epoch one by less than an epoch's shift), a
-floor gamma_min 0.8 (the reference code's default) instead of 0.2, rho
-6.5 (its CC3M value), v0 (one temperature learnt from its loss's gradient, as clip's); AmorLIP's beta ramped over E
-epochs (the paper's formula; the default 16 is longer than this run), its lambda networks kept across epochs instead
-of refitted from scratch at each one (an epoch here is ~120 steps), its temperature lr 1e-3 instead of 1e-4, all
-three, and lr 1e-3 with rho 8.5 throughout (the default rho list turns to -8.5 after a third of the epochs, which
-pushes tau up). The table is part 1's; each setting is compared with
-clip and with its objective's defaults. ``--variants`` picks settings by label prefix, so two processes can share the
-work (``--variants clip fastclip`` and ``--variants amorlip``, ``--threads 1`` each).
+decay, which brackets a per-step schedule: that differs from the per-epoch one by less than an epoch's shift), a floor
+gamma_min 0.8 (the reference code's default) instead of 0.2, rho 6.5 (its CC3M value), v0 (one temperature learnt from
+its loss's gradient, as clip's); AmorLIP's beta ramped over E epochs (the paper's formula; the default 16 is longer
+than this run), its lambda networks kept across epochs instead of refitted from scratch at each one (an epoch here is
+~120 steps), its temperature lr 1e-3 instead of 1e-4, all three, and lr 1e-3 with rho 8.5 throughout (the default rho
+list turns to -8.5 after a third of the epochs, which pushes tau up). The table is part 1's; each setting is compared
+with clip and with its objective's defaults. ``--variants`` picks settings by label prefix, so two processes can share
+the work (``--variants clip fastclip`` and ``--variants amorlip``, ``--threads 1`` each).
 
 The machine may be shared: wall seconds are this run's. Measured on the 2-core CPU: data ~75 s (7,845 training
 samples, ~12.5 epochs at the default budget); a run trains at ~1,000 samples/s at batch 64 and ~1,430 at batch 256
-(full tokens) and each evaluation takes ~1.6 s, so the defaults take about 0.023 s x --samples + 260 s, ~42 minutes
-(24 part-1 runs + 4 CLIPA runs). For a smoke run: --seeds 1 --samples 2048 --per-source 300.
+(full tokens) and each evaluation takes ~1.6 s, so the defaults take about 0.023 s x --samples + 260 s: 2,413 s in
+one ``make bench`` (24 part-1 runs + 4 CLIPA runs). For a smoke run: --seeds 1 --samples 2048 --per-source 300.
 """
 
 from __future__ import annotations

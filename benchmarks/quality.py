@@ -230,6 +230,13 @@ def pct(values: list[float]) -> str:
     return f"{100 * m:5.1f} ± {100 * s:4.1f}"
 
 
+def summary(groups: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per group: (mean, std) over its runs of every final metric and of the training wall seconds."""
+    return {label: {key: mean_std([r["final"][key] for r in rs]) for key in rs[0]["final"]
+                    if key not in ("step", "samples", "stage")} | {"wall_s": mean_std([r["wall_s"] for r in rs])}
+            for label, rs in groups.items()}
+
+
 def curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float], list[float]]:
     """Mean and std over the runs at every checkpoint (the runs share their checkpoint steps)."""
     xs = [p["samples"] for p in runs[0]["points"]]
@@ -319,9 +326,7 @@ def quality_part(root: Path, data: dict[str, Any], args: argparse.Namespace) -> 
             "model": MODEL, "objective_settings": hyper, "chance": chance, "comparison": verdict,
             "plot": str(png) if png else None,
             "runs": {label: rs for label, rs in groups.items()},
-            "summary": {label: {key: mean_std([r["final"][key] for r in rs]) for key in rs[0]["final"]
-                                if key not in ("step", "samples", "stage")}
-                        | {"wall_s": mean_std([r["wall_s"] for r in rs])} for label, rs in groups.items()}}
+            "summary": summary(groups)}
 
 
 def compare_to_clip(runs: dict[str, dict[int, list[dict]]], args: argparse.Namespace) -> list[str]:
@@ -408,16 +413,14 @@ def clipa_part(root: Path, data: dict[str, Any], args: argparse.Namespace,
     return {"objective": objective, "batch": batch, "samples": args.samples, "finetune_share": args.clipa_finetune,
             "seeds": args.clipa_seeds, "plot": str(png) if png else None, "speedup": speedup,
             "runs": groups,
-            "summary": {label: {key: mean_std([r["final"][key] for r in rs]) for key in rs[0]["final"]
-                                if key not in ("step", "samples", "stage")}
-                        | {"wall_s": mean_std([r["wall_s"] for r in rs])} for label, rs in groups.items()}}
+            "summary": summary(groups)}
 
 
 def variants(epochs: int) -> dict[str, dict[str, Any]]:
     """Part 3's settings: what might keep FastCLIP and AmorLIP from beating clip on a small dataset, each scaled to
     this run's length (``epochs``), with every objective's defaults as its control."""
-    def fastclip(**settings: Any) -> dict[str, Any]:
-        return {"name": "fastclip", "fastclip": {"version": "v3", **settings}}
+    def fastclip(version: str = "v3", **settings: Any) -> dict[str, Any]:
+        return {"name": "fastclip", "fastclip": {"version": version, **settings}}
 
     def amorlip(**settings: Any) -> dict[str, Any]:
         return {"name": "amorlip", "amorlip": {"divergence": "log_l2", **settings}}
@@ -430,7 +433,7 @@ def variants(epochs: int) -> dict[str, dict[str, Any]]:
         "fastclip-v3 γ constant": fastclip(gamma_schedule="constant"),  # γ_min from epoch 1: the earliest schedule
         "fastclip-v3 γ_min 0.8": fastclip(gamma_min=0.8),  # the reference code's default: u trusts new batches more
         "fastclip-v3 ρ 6.5": fastclip(rho=6.5),  # FastCLIP's CC3M value (8.0: its default)
-        "fastclip-v0": {"name": "fastclip", "fastclip": {"version": "v0"}},  # one temperature learnt as clip's is
+        "fastclip-v0": fastclip(version="v0"),  # one temperature learnt as clip's is
         "amorlip-log_l2": OBJECTIVES["amorlip-log_l2"],
         f"amorlip β ramp {epochs} ep": amorlip(beta_ramp_epochs=epochs),  # the paper's formula: the run's epochs
         "amorlip λ nets kept": amorlip(reinit_every_epochs=epochs),  # fitted across epochs, not refitted per epoch
@@ -475,9 +478,7 @@ def variants_part(root: Path, data: dict[str, Any], args: argparse.Namespace) ->
         print(line)
     return {"batch": batch, "samples": args.samples, "epochs": epochs, "seeds": args.variant_seeds,
             "settings": chosen, "comparison": lines, "runs": groups,
-            "summary": {label: {key: mean_std([r["final"][key] for r in rs]) for key in rs[0]["final"]
-                                if key not in ("step", "samples", "stage")}
-                        | {"wall_s": mean_std([r["wall_s"] for r in rs])} for label, rs in groups.items()}}
+            "summary": summary(groups)}
 
 
 # ------------------------------------------------------------------------------------------------------------ plots
@@ -638,7 +639,7 @@ def main() -> None:
             quality = figures["quality"] = quality_part(root, data, args)
         if args.only in (None, "clipa"):
             figures["clipa"] = clipa_part(root, data, args, quality)
-        if args.only == "variants":  # not in the default run: ~20 runs, see the module docstring
+        if args.only == "variants":  # not in the default run: 26 runs, see the module docstring
             figures["variants"] = variants_part(root, data, args)
     figures["wall_s"] = time.perf_counter() - started
     print(f"\nquality.py total {figures['wall_s']:.0f} s")

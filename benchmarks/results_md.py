@@ -32,6 +32,11 @@ def table(head: list[str], rows: list[list[Any]]) -> list[str]:
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
 
 
+def bullets(lines: list[str]) -> list[str]:
+    """quality.py's comparison lines: headings stay text, indented lines become list items."""
+    return [f"- {line.strip()}" if line.startswith("  ") else line.strip() for line in lines]
+
+
 def quality_section(q: dict[str, Any], plots: str) -> list[str]:
     chance = q["chance"]
     rows = [[label, *(pct(s[key]) for _, key in METRICS), f"{s['wall_s'][0]:.0f}", f"{s['tau'][0]:.3f}"]
@@ -42,7 +47,7 @@ def quality_section(q: dict[str, Any], plots: str) -> list[str]:
            f"at its recipe defaults (lr = {q['base_lr']:g} x batch / 256), {q['seeds']} seeds each; zero-shot on the "
            "held-out split (never trained on): mean ± std over the seeds, %.", "",
            *table(["objective, global batch", *(name for name, _ in METRICS), "train s", "final τ"], rows)]
-    out += [line.strip() if not line.startswith("  ") else f"- {line.strip()}" for line in q["comparison"]]
+    out += bullets(q["comparison"])
     out += ["", f"![accuracy vs samples seen]({plots}/accuracy_vs_samples.png)", ""]
     return out
 
@@ -100,7 +105,7 @@ def speed_section(benchmarks: dict[str, Any]) -> list[str]:
 
 def variants_table(paths: list[Path]) -> str:
     """One table of quality.py's part 3 from several ``--only variants --json`` files (processes that split the
-    settings between them), in the order of ``quality.variants``."""
+    settings between them), the settings in the order of the files."""
     parts = [json.loads(path.read_text())["variants"] for path in paths]
     first = parts[0]
     if any((p["batch"], p["samples"], p["seeds"]) != (first["batch"], first["samples"], first["seeds"]) for p in parts):
@@ -112,7 +117,7 @@ def variants_table(paths: list[Path]) -> str:
     rows = [[label, *(pct(s[key]) for _, key in METRICS), f"{s['tau'][0]:.3f}"] for label, s in summary.items()]
     lines = [f"Batch {first['batch']}, {first['samples']:,} samples ({first['epochs']} epochs), {first['seeds']} seeds "
              "(mean ± std, %):", "", *table(["setting", *(name for name, _ in METRICS), "final τ"], rows)]
-    lines += [line.strip() if not line.startswith("  ") else f"- {line.strip()}" for line in comparisons]
+    lines += bullets(comparisons)
     return "\n".join(lines) + "\n"
 
 

@@ -2,14 +2,15 @@
 
 Locally: ``torchx run -s local_cwd components/train/launch/component.py:train --recipe configs/demo.yaml
 --data s3://bucket/run/train-data/manifest.json --output s3://bucket/run/train --nproc_per_node 2``.
-On Kubeflow: ``torchx run -s pytorchjob ... components/train/launch/component.py:train --recipe ... --nnodes 3``.
+On Kubeflow: ``torchx run -s trainjob ... components/train/launch/component.py:train --recipe ... --nnodes 3`` (Trainer v2;
+``-s pytorchjob`` for training-operator v1).
 
 The recipe is checked here, before anything is launched, when its file is readable from where torchx runs
 (batch divisible by the world size, text lengths within the model's context, ...): a bad value fails in seconds.
 
 The single role runs ``torchrun`` with explicit ``--nnodes``/``--nproc_per_node`` on ``components.train.main``.
-The ``pytorchjob`` scheduler re-uses the role's args after ``torchrun`` and supplies the rendezvous flags that the
-training operator's injected environment (MASTER_ADDR, MASTER_PORT, ...) calls for.
+The cluster schedulers (scheduler.py) keep the role's program and process count and replace its rendezvous with
+one over the operator's injected PET_MASTER_ADDR/PET_MASTER_PORT (jobspec.JobSpec.torchrun).
 """
 
 
@@ -18,7 +19,8 @@ from typing import Dict, Optional
 
 import torchx.specs as specs
 
-DEFAULT_IMAGE = "clipline:0.1.0"
+from components.train.launch.jobspec import DEFAULT_IMAGE
+
 TRAIN_MODULE = "components.train.main"
 ROLE_NAME = "trainer"
 

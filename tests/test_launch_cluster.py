@@ -22,7 +22,7 @@ import yaml
 
 from components.common import store
 from components.common.recipe import load_recipe
-from components.train.launch import pytorchjob, trainjob
+from components.train.launch import component, pytorchjob, trainjob
 from components.train.launch.kube import KubeApi
 from components.train.launch.validation import validate_object
 from pipelines import steps
@@ -32,8 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = load_recipe(REPO / "configs" / "demo.yaml")
 DATA = "s3://clipline/run/train-data/manifest.json"
 LINES = [f"train step={i}/6 loss={1 - i / 10:.1f}" for i in range(1, 7)]
-# every call recorded in this module, for the RBAC check in tests/test_manifests.py (see recorded_calls())
-RECORDED: list[dict] = []
 
 
 def rank0_pod(target, name: str) -> tuple[str, dict[str, str]]:
@@ -81,7 +79,6 @@ def scripted(target, outcomes: list[bool | None]):
 def fake():
     with FakeKube() as server:
         yield server
-    RECORDED.extend(server.calls)
 
 
 @pytest.fixture
@@ -236,6 +233,45 @@ def test_sigterm_deletes_the_job(target, fake, output, tmp_path):
     assert len(fake.calls_of("delete", target.plural)) == 1 and fake.jobs(target.plural) == []
 
 
-def recorded_calls() -> list[dict]:
-    """Every Kubernetes call the launch and watch code made in this module's tests (run them first)."""
-    return list(RECORDED)
+@pytest.mark.parametrize("overlay", ["standalone", "multi-user"])
+def test_every_call_the_launcher_makes_is_allowed_by_the_overlays_rbac(overlay, output, monkeypatch):
+    """Run the train step (success, a resubmitted failure) and the torchx schedulers' operations for both targets
+    against the fake API with the step's identity of ``overlay``, then evaluate Kubernetes RBAC over the overlay's
+    rendered Roles/Bindings (tests/rbac.py) for every recorded call: each must be allowed for the account KFP runs
+    the step as, in the job namespace, and nothing may have been called elsewhere."""
+    from rbac import allowed, rendered, STEP_IDENTITY
+
+    from components.train.launch.scheduler import create_pytorchjob_scheduler, create_trainjob_scheduler
+
+    sa_namespace, sa_name, job_namespace = STEP_IDENTITY[overlay]
+    monkeypatch.setenv("POD_NAMESPACE", job_namespace)
+    monkeypatch.setenv("POD_NAME", "step-pod")
+    monkeypatch.setenv("POD_UID", "uid-1")
+    calls = []
+    for target, create in ((trainjob.TARGET, create_trainjob_scheduler),
+                           (pytorchjob.TARGET, create_pytorchjob_scheduler)):
+        with FakeKube() as fake:
+            fake.on_poll = scripted(target, [False, True] if target.resubmit else [True])
+            train(fake, output, target.name, max_restarts=1)
+            s = create("t", api=KubeApi(fake.api_client()))
+            app_id = s.schedule(s.submit_dryrun(component.train("configs/demo.yaml", DATA, output, nnodes=2), {}))
+            s.describe(app_id)
+            s.list()
+            pod, labels = rank0_pod(target, app_id.split(":")[1])
+            fake.add_pod(job_namespace, pod, labels, "Succeeded")
+            fake.script_log(job_namespace, pod, [[f"{stamp(0)} done"]])
+            list(s.log_iter(app_id, "trainer"))
+            s.cancel(app_id)
+            calls += fake.calls
+    kinds = {(c["verb"], c["group"], c["resource"], c["subresource"]) for c in calls}
+    assert len(kinds) >= 10, kinds  # create/get status/list/delete of both kinds, pods list, pods/log
+    objects = rendered(overlay)
+    denied = [c for c in calls if not allowed(objects, sa_namespace, sa_name, verb=c["verb"], group=c["group"],
+                                              resource=c["resource"], subresource=c["subresource"],
+                                              namespace=c["namespace"], name=c["name"])]
+    assert denied == [], f"{overlay}: {sa_namespace}/{sa_name} may not make {denied[:3]}"
+    assert {c["namespace"] for c in calls} == {job_namespace}
+    # and the rules bite: the same calls from the training pods' account are all denied
+    assert not any(allowed(objects, job_namespace, "clipline-trainer", verb=c["verb"], group=c["group"],
+                           resource=c["resource"], subresource=c["subresource"], namespace=c["namespace"])
+                   for c in calls)

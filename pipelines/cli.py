@@ -13,9 +13,17 @@ from pathlib import Path
 DEFAULT_STORE_DIR = ".clipline/store"
 
 def _compile(args: argparse.Namespace) -> int:
-    from pipelines.submit import compile_pipeline
+    from pipelines.pipeline import ImageRefError
+    from pipelines.submit import SubmitError, compile_pipeline
 
-    print(f"wrote {compile_pipeline(Path(args.output), args.parts)}")
+    try:
+        print(f"wrote {compile_pipeline(Path(args.output), args.parts, image=args.image)}")
+    except ImageRefError as exc:
+        print(f"clipline compile: --image: {exc}", file=sys.stderr)
+        return 2
+    except SubmitError as exc:
+        print(f"clipline compile: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -29,9 +37,16 @@ def _submit(args: argparse.Namespace) -> int:
             print(f"clipline submit: --param takes KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         params[key] = value
+    from pipelines.pipeline import ImageRefError
+
     try:
-        result = submit(args.host, pipeline=Path(args.pipeline), params=params, experiment=args.experiment,
-                        runs_root=args.runs_root, url_lists=args.url_lists, skip_if_unchanged=args.skip_if_unchanged)
+        result = submit(args.host, namespace=args.namespace, token_path=args.token_path, image=args.image,
+                        pipeline=Path(args.pipeline), pipeline_name=args.pipeline_name, params=params,
+                        experiment=args.experiment, runs_root=args.runs_root, url_lists=args.url_lists,
+                        skip_if_unchanged=args.skip_if_unchanged)
+    except ImageRefError as exc:
+        print(f"clipline submit: --image: {exc}", file=sys.stderr)
+        return 2
     except SubmitError as exc:
         print(f"clipline submit: {exc}", file=sys.stderr)
         return 1
@@ -158,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "run prefix; a copy of the HTML report is kept under .clipline/reports/.",
     )
     run.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML (default: %(default)s)")
-    run.add_argument("--url-list", help="URL list to ingest (default: the offline demo source)")
+    run.add_argument("--url-list", help="URL list to ingest; several as comma-separated lists or a directory/prefix "
+                                        "ending in / (gathered into one first) (default: the offline demo source)")
     run.add_argument("--demo-limit", type=int, default=3000,
                      help="demo source: at most this many images per source (default: %(default)s)")
     run.add_argument("--run-prefix", help="s3:// or file:// prefix for the run's outputs "
@@ -173,30 +189,49 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the S3 endpoint in AWS_ENDPOINT_URL instead of an embedded store")
     run.set_defaults(func=_run)
 
-    from pipelines.submit import COMPILED
+    from pipelines.submit import COMPILED, MIN_KFP_BACKEND, PIPELINE_NAME, TOKEN_PATH_ENV
+    from components.train.launch.jobspec import DEFAULT_IMAGE
 
     comp = sub.add_parser("compile", help="write the Kubeflow pipeline YAML (pipelines/compiled/)",
                           description="Compile the KFP pipeline clip-pretrain to YAML for upload in the KFP UI or "
-                                      "`clipline submit`. The committed file is checked by a test.")
+                                      "`clipline submit`: every step runs --image, which is also the default of the "
+                                      "pipeline's image parameter (the training job's pods). The YAML uses only "
+                                      f"fields KFP backend {MIN_KFP_BACKEND} (Kubeflow 1.10) and later know. The "
+                                      "committed file is checked by a test.")
     comp.add_argument("--output", default=str(COMPILED), help="default: %(default)s")
     comp.add_argument("--parts", type=int, help="pods that ingest and preprocess fan out over (default: 4, the "
                                                 "committed pipeline's)")
+    comp.add_argument("--image", default=DEFAULT_IMAGE,
+                      help="image of every step and of the training job: REGISTRY/REPOSITORY@sha256:DIGEST "
+                           "(recommended) or REGISTRY/REPOSITORY:TAG (default: %(default)s)")
     comp.set_defaults(func=_compile)
-    sm = sub.add_parser("submit", help="submit a run of the compiled pipeline to a KFP server",
-                        description="Create a run of the compiled pipeline on a Kubeflow Pipelines server (the kfp "
-                                    "client; in-cluster it uses the pod's service-account token). --url-lists "
-                                    "gathers every URL list under a prefix into the run's list; with "
-                                    "--skip-if-unchanged nothing is submitted when those lists did not change since "
-                                    "the last submission (scheduled retraining).")
+    sm = sub.add_parser("submit", help="submit a run of the pipeline to a KFP server, as a pipeline version",
+                        description="Upload the pipeline as a pipeline version (named after its image and the "
+                                    "YAML's hash; reused when it exists) and create a run of that version on a "
+                                    "Kubeflow Pipelines server. Authenticates with a projected ServiceAccount token "
+                                    f"(--token-path, default ${TOKEN_PATH_ENV}); without one it sends no "
+                                    "credentials (standalone KFP). --url-lists passes every URL list under a "
+                                    "prefix to the run, whose first step gathers them; with --skip-if-unchanged "
+                                    "nothing is submitted when those lists did not change since the last "
+                                    "submission (scheduled retraining).")
     sm.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888")
-    sm.add_argument("--pipeline", default=str(COMPILED), help="compiled pipeline YAML (default: %(default)s)")
+    sm.add_argument("--namespace", help="multi-user Kubeflow: the profile namespace the experiment, pipeline and "
+                                        "run belong to (standalone KFP: leave out)")
+    sm.add_argument("--token-path", help="file with a ServiceAccount token of audience pipelines.kubeflow.org "
+                                         f"(default: ${TOKEN_PATH_ENV} when set, else no credentials)")
+    sm.add_argument("--image", help="compile the pipeline with this image (see `clipline compile --image`) instead "
+                                    "of uploading --pipeline")
+    sm.add_argument("--pipeline", default=str(COMPILED),
+                    help="compiled pipeline YAML to upload when no --image is given (default: %(default)s)")
+    sm.add_argument("--pipeline-name", default=PIPELINE_NAME, help="KFP pipeline name (default: %(default)s)")
     sm.add_argument("--experiment", default="clipline", help="KFP experiment (default: %(default)s)")
     sm.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="pipeline parameter (repeatable), e.g. recipe=configs/demo.yaml, nodes=4")
     sm.add_argument("--runs-root", default="s3://clipline/runs",
                     help="run_prefix is <runs-root>/clip-pretrain-<time> unless --param run_prefix=... "
                          "(default: %(default)s)")
-    sm.add_argument("--url-lists", help="train on every URL list under this s3:// prefix")
+    sm.add_argument("--url-lists", help="train on every URL list under this s3:// prefix (passed to the run as "
+                                        "url_list, comma-separated; the pipeline gathers them)")
     sm.add_argument("--skip-if-unchanged", action="store_true",
                     help="with --url-lists: submit only when the lists changed since the last submission")
     sm.set_defaults(func=_submit)

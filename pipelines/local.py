@@ -56,7 +56,7 @@ def run_local(
 
     from components.train.plan import check_recipe
     from pipelines.pipeline import make_pipeline
-    from pipelines.steps import DEMO_SOURCE, StepError
+    from pipelines.steps import DEMO_SOURCE
 
     recipe = load_recipe(recipe_path)
     check_recipe(recipe, nproc_per_node, source=str(recipe_path))  # every recipe problem before anything starts
@@ -67,10 +67,8 @@ def run_local(
                                  f"{time.strftime('%Y%m%d-%H%M%S')}").rstrip("/")
         models = models_prefix or f"{prefix.split('/runs/')[0] if '/runs/' in prefix else prefix}/models"
         store.ensure_bucket(prefix)
-        if url_list and "://" not in url_list:
-            url_list = str(Path(url_list).resolve())  # the steps run in other processes
-        if url_list and not store.exists(url_list if "://" in url_list else Path(url_list).as_uri()):
-            raise StepError(f"the URL list {url_list} does not exist")
+        if url_list:
+            url_list = _resolved_url_lists(url_list)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state_root / "kfp-root"),
                    raise_on_error=True)
         run = make_pipeline(parts)(run_prefix=prefix, url_list=url_list or DEMO_SOURCE,
@@ -93,6 +91,26 @@ def run_local(
             store.get_file(store.join(prefix, "evaluate", name), local_dir / name)
         manifest["local_report"] = str((local_dir / "report.html").resolve())
     return manifest
+
+
+def _resolved_url_lists(url_list: str) -> str:
+    """The URL list(s) with local paths made absolute (the steps run in other processes), each checked to exist: one
+    list, comma-separated lists, or a directory/prefix ending in "/" (gathered by the pipeline's first step)."""
+    from pipelines.steps import StepError, url_lists_under
+
+    out = []
+    for item in filter(None, (part.strip() for part in url_list.split(","))):
+        if "://" not in item:
+            item = str(Path(item).resolve()) + ("/" if item.endswith("/") else "")
+        if item.endswith("/"):
+            if not url_lists_under(item):
+                raise StepError(f"no URL list under {item}")
+        elif not store.exists(item if "://" in item else Path(item).as_uri()):
+            raise StepError(f"the URL list {item} does not exist")
+        out.append(item)
+    if not out:
+        raise StepError(f"--url-list {url_list!r} names no URL list")
+    return ",".join(out)
 
 
 def _stage_manifests(run) -> dict:

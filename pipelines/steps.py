@@ -52,9 +52,219 @@ def effective_recipe(recipe_location: str, objective: str, run_prefix: str) -> t
     return recipe, uri
 
 
+# ------------------------------------------------------------------------------------------------ gather URL lists
+
+URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".csv.gz", ".tsv.gz", ".jsonl.gz")
+GATHERED = "url_list.parquet"  # under the run prefix
+GATHER_BATCH_ROWS = 65_536  # rows read, converted and written at a time (one parquet row group each)
+
+
+def url_lists_under(prefix: str) -> list[dict[str, Any]]:
+    """The URL list files under ``prefix`` (by suffix), sorted by URI, with their sizes."""
+    found = [{"uri": info.uri, "size": info.size} for info in store.list_objects(prefix.rstrip("/") + "/")
+             if info.uri.endswith(URL_LIST_SUFFIXES)]
+    return sorted(found, key=lambda item: item["uri"])
+
+
+def url_list_uris(url_list: str) -> list[str]:
+    """The lists ``url_list`` names: comma-separated URIs, each of which may be a prefix ending in "/" (every list
+    under it, by suffix, in URI order)."""
+    uris: list[str] = []
+    for item in (part.strip() for part in url_list.split(",")):
+        if not item:
+            continue
+        if item.endswith("/"):
+            under = [found["uri"] for found in url_lists_under(item)]
+            if not under:
+                raise StepError(f"no URL list ({', '.join(URL_LIST_SUFFIXES)}) under {item}")
+            uris += under
+        else:
+            uris.append(item)
+    if not uris:
+        raise StepError(f"url_list {url_list!r} names no URL list")
+    return uris
+
+
+def gather_url_lists_step(url_list: str, run_prefix: str, *, scratch: str | None = None,
+                          batch_rows: int = GATHER_BATCH_ROWS) -> dict[str, Any]:
+    """The URL list ingest reads. ``demo`` and a single list pass through untouched; several lists (comma-separated
+    URIs, or a prefix ending in "/") are concatenated in order into ``<run>/url_list.parquet``.
+
+    Lists are streamed batch by batch (csv/tsv/jsonl straight from the store, parquet row group by row group from a
+    local copy), every value as text exactly as written (a caption "NA" or "null" stays that text; csv and tsv are
+    read with no null markers), and the output parquet is written incrementally: memory holds one batch, disk the
+    output plus one parquet input. Every list must have the same columns (in any order); the first list's order is
+    kept. ``scratch``: where the output is built (default: $CLIPLINE_SCRATCH when it exists, the pipeline's emptyDir,
+    else the system temp directory)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.time()
+    if url_list.strip() == DEMO_SOURCE:
+        return {"status": "done", "url_list": DEMO_SOURCE, "lists": [], "gathered": False}
+    uris = url_list_uris(url_list)
+    if len(uris) == 1:  # one list (or a prefix holding one): ingest reads it where it is
+        return {"status": "done", "url_list": uris[0], "lists": uris, "gathered": False}
+    scratch = scratch or os.environ.get("CLIPLINE_SCRATCH")
+    if scratch and not os.path.isdir(scratch):
+        scratch = None
+    destination = store.join(run_prefix, GATHERED)
+    columns: list[str] | None = None
+    first = uris[0]
+    rows_per_list: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="clipline-gather-", dir=scratch) as tmp:
+        out = os.path.join(tmp, GATHERED)
+        writer = None
+        try:
+            for i, uri in enumerate(uris):
+                rows = 0
+                for batch in _url_list_batches(uri, os.path.join(tmp, f"input-{i}"), batch_rows):
+                    if columns is None:
+                        columns = list(batch.schema.names)
+                        schema = pa.schema([(name, pa.string()) for name in columns])
+                        writer = pq.ParquetWriter(out, schema)
+                    if set(batch.schema.names) != set(columns) or len(batch.schema.names) != len(columns):
+                        raise StepError(
+                            f"the URL lists have different columns: {first} has {columns}, {uri} has "
+                            f"{list(batch.schema.names)}; every list to gather needs the same columns")
+                    writer.write_batch(pa.record_batch([batch.column(name) for name in columns], schema=schema))
+                    rows += batch.num_rows
+                rows_per_list.append(rows)
+                log.info("gathered %s: %d rows", uri, rows)
+        finally:
+            if writer is not None:
+                writer.close()
+        total = sum(rows_per_list)
+        if not total:
+            raise StepError(f"the URL lists {', '.join(uris)} have no rows")
+        store.ensure_bucket(destination)
+        store.put_file(destination, out)
+    log.info("gathered %d URL lists (%d rows) into %s", len(uris), total, destination)
+    return {"status": "done", "url_list": destination, "lists": uris, "rows": rows_per_list, "gathered": True,
+            "columns": columns, "duration_s": round(time.time() - started, 2)}
+
+
+def _text(value: Any) -> str | None:
+    """A URL-list value as text, the way ingest turns a single list's values into text (components/ingest/
+    url_list.py); a missing value stays missing (ingest makes it "")."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _as_text_batch(batch):
+    """Every column of a pyarrow RecordBatch as string."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arrays = []
+    for column in batch.columns:
+        kind = column.type
+        if pa.types.is_dictionary(kind):
+            column, kind = column.dictionary_decode(), kind.value_type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            arrays.append(pc.cast(column, pa.string()))
+        else:  # numbers, booleans, ... as Python writes them (1.0 -> "1.0", True -> "True"), as ingest does
+            arrays.append(pa.array([_text(v) for v in column.to_pylist()], type=pa.string()))
+    return pa.record_batch(arrays, names=batch.schema.names)
+
+
+def _url_list_batches(uri: str, local: str, batch_rows: int):
+    """The list's rows as RecordBatches of string columns (see ``gather_url_lists_step``)."""
+    import csv
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from components.ingest.url_list import UrlListError, infer_format
+
+    try:
+        fmt = infer_format(uri.rsplit("/", 1)[-1])
+    except UrlListError as exc:
+        raise StepError(str(exc)) from None
+    gz = uri.endswith(".gz")
+    try:
+        if fmt == "parquet":
+            store.get_file(uri, local)  # parquet needs random access (the footer first)
+            try:
+                for batch in pq.ParquetFile(local).iter_batches(batch_size=batch_rows):
+                    yield _as_text_batch(batch)
+            finally:
+                os.unlink(local)
+        elif fmt in ("csv", "tsv"):
+            delimiter = "," if fmt == "csv" else "\t"
+            with store.open_read(uri) as raw:  # the header, to read every column as text
+                head = gzip.GzipFile(fileobj=raw) if gz else raw
+                header = next(csv.reader([head.readline().decode("utf-8-sig").rstrip("\r\n")],
+                                         delimiter=delimiter), [])
+            if not header:
+                return
+            with store.open_read(uri) as raw:
+                source = gzip.GzipFile(fileobj=raw) if gz else raw
+                reader = pacsv.open_csv(
+                    source, read_options=pacsv.ReadOptions(block_size=16 << 20),
+                    parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                    convert_options=pacsv.ConvertOptions(column_types={name: pa.string() for name in header},
+                                                         null_values=[], strings_can_be_null=False,
+                                                         quoted_strings_can_be_null=False))
+                for batch in reader:
+                    yield _as_text_batch(batch)
+        else:  # jsonl: one object per line; values as text
+            with store.open_read(uri) as raw:
+                source = gzip.GzipFile(fileobj=raw) if gz else raw
+                names: list[str] | None = None
+                rows: list[dict] = []
+                for number, line in enumerate(source, 1):
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise StepError(f"URL list {uri} line {number}: not a JSON object")
+                    if names is None:
+                        names = list(row)
+                    elif set(row) - set(names):
+                        raise StepError(f"URL list {uri} line {number}: columns {sorted(set(row) - set(names))} "
+                                        f"are not in its first line's {names}")
+                    rows.append(row)
+                    if len(rows) == batch_rows:
+                        yield _jsonl_batch(rows, names)
+                        rows = []
+                if rows:
+                    yield _jsonl_batch(rows, names)
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise StepError(f"cannot read URL list {uri} as {fmt}{' (gzip)' if gz else ''}: {exc}") from None
+
+
+def _jsonl_batch(rows: list[dict], names: list[str]):
+    import pyarrow as pa
+
+    return pa.record_batch([pa.array([_text(row.get(name)) for row in rows], type=pa.string()) for name in names],
+                           names=names)
+
+
 def ingest_prefix(run_prefix: str, part: int = 0, parts: int = 1) -> str:
     base = store.join(run_prefix, "ingest")
     return base if parts == 1 else store.join(base, f"part-{part}")
+
+
+def _ingest_processes() -> dict[str, int]:
+    """img2dataset's worker processes under a pod's CPU limit: one per CPU of the limit (ingest otherwise starts one
+    per CPU of the node, each with its download threads and buffers, which the step's memory limit is not sized
+    for). Without a visible limit, ingest's own default (one per CPU, at most one per shard)."""
+    from components.preprocess.options import available_cpus
+
+    limited = available_cpus()
+    return {"processes": limited} if limited < len(os.sched_getaffinity(0)) else {}
 
 
 def ingest_step(url_list: str, run_prefix: str, *, demo_limit: int, seed: int, part: int = 0,
@@ -70,9 +280,10 @@ def ingest_step(url_list: str, run_prefix: str, *, demo_limit: int, seed: int, p
         from components.ingest.demo import ingest_demo
 
         # Every part builds the same demo (same seed) and publishes the same held-out split; it ingests its part.
-        doc = ingest_demo(output, IngestOptions(**DEMO_INGEST), limit=demo_limit or None, seed=seed, part=piece)
+        doc = ingest_demo(output, IngestOptions(**DEMO_INGEST, **_ingest_processes()), limit=demo_limit or None,
+                          seed=seed, part=piece)
     else:
-        doc = ingest(url_list, output, IngestOptions(), part=piece)
+        doc = ingest(url_list, output, IngestOptions(**_ingest_processes()), part=piece)
     return {"status": "done", "manifest": store.join(output, MANIFEST), "prefix": output, "counts": doc["counts"],
             "demo": url_list == DEMO_SOURCE, "duration_s": round(time.time() - started, 2)}
 
@@ -132,56 +343,49 @@ SUBMIT_SLACK_S = 1800  # image pulls, gang scheduling, checkpoint writes
 
 
 def train_timeout_s(recipe: Recipe, nodes: int, gpus_per_node: int) -> int:
-    """How long the train step waits for its PyTorchJob: the recipe's samples at the floor throughput, plus slack."""
+    """How long the train step waits for its job: the recipe's samples at the floor throughput, plus slack."""
     samples = sum(stage.samples for stage in recipe.stages)
     return int(samples / (MIN_SAMPLES_PER_S * nodes * max(1, gpus_per_node)) + SUBMIT_SLACK_S)
 
 
-def train_on_cluster(recipe: Recipe, recipe_uri: str, data_manifest: str, output: str, *, nodes: int,
-                     gpus_per_node: int, image: str, namespace: str, secret: str, service_account: str,
-                     timeout_s: int | None = None, scheduler: Any = None, poll_s: float = 15.0) -> dict[str, Any]:
-    """Submit the training PyTorchJob (our torchx scheduler), stream the master's log into this step's log, wait with
-    a timeout derived from the recipe, fail when the job fails, and delete the job at the end in every case."""
-    import threading
+def train_on_cluster(recipe: Recipe, recipe_uri: str, data_manifest: str, output: str, *, launcher: str, nodes: int,
+                     gpus_per_node: int, image: str, namespace: str = "", runtime: str = "", cpu: str = "",
+                     memory: str = "", shm: str = "", ephemeral: str = "", node_selector: str = "",
+                     tolerations: str = "", priority_class: str = "", queue: str = "", gang_scheduler: str = "",
+                     nccl_env: str = "", max_restarts: int = 2, timeout_s: int | None = None, api: Any = None,
+                     poll_s: float = 15.0) -> dict[str, Any]:
+    """Train as a cluster job: a Trainer v2 TrainJob (``launcher`` trainjob) or a training-operator PyTorchJob
+    (pytorchjob) in ``namespace`` (default: this step's own). The job is owned by this step's pod, has a deadline
+    derived from the recipe, streams its rank-0 log into this step's log and is deleted when the step ends, however
+    it ends (watch.run_job). ``max_restarts``: torchrun restarts all ranks that many times in place (resuming from the
+    latest checkpoint), and a failed TrainJob is resubmitted that many times."""
+    from components.train.launch import jobspec
+    from components.train.launch.component import train
+    from components.train.launch.kube import KubeApi
+    from components.train.launch.scheduler import TARGETS
+    from components.train.launch.watch import JobFailed, run_job
 
-    from torchx.specs import AppState
-
-    from components.train.launch.component import ROLE_NAME, train
-    from components.train.launch.pytorchjob import create_scheduler
-
+    if launcher not in TARGETS:
+        raise StepError(f"launcher must be one of {', '.join([*TARGETS, 'local'])}, got {launcher!r}")
     started = time.time()
     timeout_s = timeout_s or train_timeout_s(recipe, nodes, gpus_per_node)
-    # The endpoint is not a secret: pass this step's own; the credentials reach the pods from the Secret.
-    endpoint = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION") if k in os.environ}
+    namespace = namespace or jobspec.current_namespace()
     app = train(recipe_uri, data_manifest, output, nnodes=nodes, nproc_per_node=max(1, gpus_per_node),
-                gpu=gpus_per_node, image=image, max_retries=2, env=endpoint)
-    scheduler = scheduler or create_scheduler("clipline")
-    app_id = scheduler.submit(app, {"namespace": namespace, "env_secret": secret, "service_account": service_account})
-    log.info("submitted PyTorchJob %s; waiting up to %d s", app_id, timeout_s)
-
-    def stream() -> None:
-        try:
-            for line in scheduler.log_iter(app_id, ROLE_NAME, k=0, should_tail=True):
-                print(line, end="" if line.endswith("\n") else "\n", flush=True)
-        except Exception as exc:  # noqa: BLE001 - logs are best effort; the job's status decides the step
-            log.warning("log streaming stopped: %s", exc)
-
-    threading.Thread(target=stream, daemon=True).start()
+                gpu=gpus_per_node, image=image, max_restarts=max_restarts)
+    options = {"namespace": namespace, "runtime": runtime, "cpu": cpu, "memory": memory, "shm_size": shm,
+               "ephemeral_storage": ephemeral, "node_selector": node_selector, "tolerations": tolerations,
+               "priority_class": priority_class, "queue": queue, "gang_scheduler": gang_scheduler,
+               "nccl_env": nccl_env, "active_deadline_seconds": timeout_s,
+               "owner": jobspec.owner_from_env(namespace), "_scheme": launcher}
     try:
-        while True:
-            status = scheduler.describe(app_id)
-            if status is not None and status.state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED):
-                break
-            if time.time() - started > timeout_s:
-                raise StepError(f"PyTorchJob {app_id} did not finish within {timeout_s} s (the recipe's samples at "
-                                f"{MIN_SAMPLES_PER_S} samples/s per GPU plus {SUBMIT_SLACK_S} s)")
-            time.sleep(poll_s)
-        if status.state != AppState.SUCCEEDED:
-            raise StepError(f"PyTorchJob {app_id} ended {status.state.name}: {status.msg or 'see the log above'}; "
-                            f"rerunning resumes from the latest checkpoint under {output}")
-    finally:
-        scheduler.cancel(app_id)  # deletes the PyTorchJob (and with cleanPodPolicy its pods), done or not
-    return trained(output, started)
+        spec = jobspec.from_app(app, options)
+        outcome = run_job(TARGETS[launcher], spec, api=api or KubeApi(), timeout_s=timeout_s,
+                          resubmits=max_restarts, options=options, poll_s=poll_s)
+    except (jobspec.JobSpecError, JobFailed) as exc:
+        raise StepError(f"train on the cluster: {exc}") from exc
+    doc = trained(output, started)
+    doc.update(job=outcome.app_id, attempts=outcome.attempts)
+    return doc
 
 
 def trained(output: str, started: float) -> dict[str, Any]:
@@ -191,7 +395,22 @@ def trained(output: str, started: float) -> dict[str, Any]:
     metrics = json.loads(store.get_bytes(store.join(output, METRICS_NAME)))
     return {"status": "done", "model": manifest_uri(output), "log": store.join(output, LOG_NAME),
             "samples_seen": metrics["samples_seen"], "stages": metrics["stages"],
-            "duration_s": round(time.time() - started, 2)}
+            "duration_s": round(time.time() - started, 2), "metrics": scalar_metrics(metrics)}
+
+
+def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of the trainer's metrics.json, flattened (``stages.0.samples_per_s``), for KFP's Metrics."""
+    out: dict[str, float] = {}
+    items = metrics.items() if isinstance(metrics, dict) else enumerate(metrics)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+        elif isinstance(value, (dict, list)):
+            out.update(scalar_metrics(value, f"{name}."))
+    return out
 
 
 def evaluate_step(model_manifest: str, output: str, *, datasets: list[str], demo_ingest_prefix: str | None,

@@ -140,3 +140,27 @@ def test_run_reports_a_bad_url_list_clearly(s3_server, s3_prefix, tmp_path):
     result = clipline("run", "--use-env-store", "--run-prefix", s3_prefix, "--url-list", str(missing))
     assert result.returncode == 1
     assert "nowhere.parquet" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compile_takes_an_image_and_refuses_an_unqualified_one(tmp_path):
+    digest = "registry.example.com/ml/clipline@sha256:" + "ab" * 32
+    out = tmp_path / "p.yaml"
+    ok = clipline("compile", "--output", str(out), "--parts", "1", "--image", digest)
+    assert ok.returncode == 0, ok.stderr
+    text = out.read_text()
+    assert text.count(f"image: {digest}") == 6 and "clipline:0.1.0" not in text  # 6 executors with parts=1
+    bad = clipline("compile", "--output", str(tmp_path / "bad.yaml"), "--image", "clipline:0.1.0")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--image" in bad.stderr and "names no registry" in bad.stderr and "docker.io/library/clipline" in bad.stderr
+    assert not (tmp_path / "bad.yaml").exists()
+
+
+def test_submit_offers_what_the_retraining_cronjob_passes_and_checks_the_token_first(tmp_path):
+    help_text = clipline("submit", "--help").stdout
+    for flag in ("--host", "--namespace", "--token-path", "--image", "--pipeline-name", "--experiment", "--param",
+                 "--runs-root", "--url-lists", "--skip-if-unchanged"):
+        assert flag in help_text, flag
+    env = {**os.environ, "KF_PIPELINES_SA_TOKEN_PATH": str(tmp_path / "no-token")}
+    result = clipline("submit", "--host", "http://127.0.0.1:9", "--namespace", "team-a", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"no token file at {tmp_path / 'no-token'}" in result.stderr

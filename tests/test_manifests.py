@@ -1121,3 +1121,20 @@ def test_readme_gives_the_apply_order_and_the_secrets():
     multi_user = readme[readme.index("### Multi-user"):]
     assert multi_user.index("profile.yaml") < multi_user.index("kubectl apply -k manifests/overlays/multi-user")
     assert "sync.py" in readme and "2.4.1" in readme and "v2.3.0" in readme and "1.30" in readme
+
+
+@pytest.mark.parametrize("target", ["standalone", "multi-user"])
+def test_retrain_cronjob_command_is_one_clipline_submit_accepts(target):
+    """The CronJob's command parses with `clipline submit`'s own parser, and every --param names a parameter of the
+    compiled pipeline with a value of its type: a renamed flag or parameter fails here, not on Sunday night."""
+    from pipelines.cli import build_parser
+    from pipelines.submit import COMPILED, typed_params
+
+    (cron,) = find(render(target), "CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["clipline", "submit"]
+    args = build_parser().parse_args(container["command"][1:] + (container.get("args") or []))
+    assert args.image == "$(CLIPLINE_IMAGE)" and args.pipeline_name == "clip-pretrain" and args.url_lists
+    assert (args.namespace == "$(POD_NAMESPACE)") == (target == "multi-user")
+    params = dict(item.split("=", 1) for item in args.param)
+    assert set(typed_params(params, COMPILED.read_text())) == set(params)

@@ -59,9 +59,10 @@ def train(
         nproc_per_node: processes per node (usually the GPU count per node)
         image: container image holding the project (ignored by local_cwd)
         name: job name
-        cpu: CPUs per node
+        cpu: CPUs per node of a CPU-only job (with GPUs the cluster schedulers derive CPU, memory and /dev/shm from
+            the GPU count; -cfg cpu=/memory= override)
         gpu: GPUs per node
-        memMB: memory per node in MB
+        memMB: memory per node in MB of a CPU-only job (as cpu)
         env: extra environment variables (e.g. A=1,B=2)
         max_retries: scheduler retries
         rdzv_port: c10d rendezvous port on rank 0 (multi-node only)

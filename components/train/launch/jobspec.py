@@ -317,8 +317,9 @@ def from_app(app: Any, cfg: Mapping[str, Any], *, suffix: Optional[str] = None) 
     return JobSpec(
         name=name, namespace=namespace, image=role.image, program=tuple(program), nnodes=nnodes,
         nproc_per_node=nproc, resources=resources, env=env,
-        store_secret=cfg.get("store_secret", STORE_SECRET) or "", store_config=cfg.get("store_config", STORE_CONFIG)
-        or "", service_account=cfg.get("service_account") or TRAINER_SERVICE_ACCOUNT,
+        store_secret=cfg.get("store_secret", STORE_SECRET) or "",
+        store_config=cfg.get("store_config", STORE_CONFIG) or "",
+        service_account=cfg.get("service_account") or TRAINER_SERVICE_ACCOUNT,
         image_pull_secrets=tuple(s for s in (cfg.get("image_pull_secret") or "").split(",") if s),
         node_selector=parse_kv(cfg.get("node_selector") or "", "node_selector"),
         tolerations=parse_tolerations(cfg.get("tolerations") or ""), priority_class=cfg.get("priority_class") or "",

@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         manifest = run_local(args.recipe, url_list=args.url_list, demo_limit=args.demo_limit,
                              run_prefix=args.run_prefix, models_prefix=args.models_prefix, store_dir=args.store_dir,
                              use_env_store=args.use_env_store, nproc_per_node=args.nproc_per_node,
-                             parts=args.parts)
+                             parts=args.parts, allow_networks=tuple(args.allow_network or ()))
     except StepError as exc:
         print(f"clipline run: {exc}", file=sys.stderr)
         return 1
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "run prefix; a copy of the HTML report is kept under .clipline/reports/.",
     )
     run.add_argument("--recipe", default="configs/demo.yaml", help="recipe YAML (default: %(default)s)")
+    run.add_argument("--allow-network", action="append", metavar="CIDR",
+                     help="let ingest fetch from this non-public network too (repeatable; see README, Security)")
     run.add_argument("--url-list", help="URL list to ingest; several as comma-separated lists or a directory/prefix "
                                         "ending in / (gathered into one first) (default: the offline demo source)")
     run.add_argument("--demo-limit", type=int, default=3000,

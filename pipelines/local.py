@@ -49,6 +49,7 @@ def run_local(
     use_env_store: bool = False,
     nproc_per_node: int = 1,
     parts: int = 1,
+    allow_networks: tuple[str, ...] = (),
 ) -> dict:
     """Validate the recipe, then run the pipeline (the demo source when no URL list is given); returns the run
     manifest, with ``local_report`` (a copy of the HTML report on this machine) added."""
@@ -73,7 +74,8 @@ def run_local(
                    raise_on_error=True)
         run = make_pipeline(parts)(run_prefix=prefix, url_list=url_list or DEMO_SOURCE,
                             recipe=str(Path(recipe_path).resolve()), demo_limit=demo_limit or 0,
-                            seed=recipe.seed, gpus_per_node=nproc_per_node, launcher="local", models_prefix=models)
+                            seed=recipe.seed, gpus_per_node=nproc_per_node, launcher="local", models_prefix=models,
+                            allow_networks=",".join(allow_networks))
         stages = _stage_manifests(run)
         manifest = write_manifest(store.join(prefix, "run.json"), "run", {
             "recipe": recipe.document(),

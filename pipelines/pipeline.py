@@ -72,15 +72,16 @@ def gather_url_lists(url_list: str, run_prefix: str) -> str:
     return steps.gather_url_lists_step(url_list, run_prefix)["url_list"]
 
 
-def ingest(url_list: str, run_prefix: str, demo_limit: int, seed: int, part: int, parts: int,
-           raw: Output[Artifact]):
+def ingest(url_list: str, run_prefix: str, demo_limit: int, seed: int, part: int, parts: int, allow_networks: str,
+           max_image_bytes: int, raw: Output[Artifact]):
     """Download the URL list (or its part-th of parts contiguous parts) with img2dataset into webdataset shards;
     url_list "demo" builds the offline demo source."""
     import json
 
     from pipelines import steps
 
-    doc = steps.ingest_step(url_list, run_prefix, demo_limit=demo_limit, seed=seed, part=part, parts=parts)
+    doc = steps.ingest_step(url_list, run_prefix, demo_limit=demo_limit, seed=seed, part=part, parts=parts,
+                            allow_networks=allow_networks, max_image_bytes=max_image_bytes)
     with open(raw.path, "w") as f:
         json.dump(doc, f)
     raw.metadata.update({"manifest": doc["manifest"], "success": doc["counts"].get("success")})
@@ -268,6 +269,8 @@ def make_pipeline(parts: int = 1, image: str = IMAGE):
         promote_tolerance: float = 0.01,
         demo_limit: int = 3000,
         seed: int = 0,
+        allow_networks: str = "",
+        max_image_bytes: int = 33554432,
         launcher: str = "trainjob",
         runtime: str = "clipline-torch",
         image: str = image,
@@ -306,6 +309,10 @@ def make_pipeline(parts: int = 1, image: str = IMAGE):
             promote_tolerance: promote unless the new score is below the latest model's by more than this.
             demo_limit: demo source only: images per source.
             seed: seed of the demo's held-out split.
+            allow_networks: comma-separated CIDRs ingest may fetch from although they are not public (e.g. your
+                own image servers, 10.20.0.0/16); loopback, private, link-local (cloud metadata), CGNAT and
+                multicast addresses are refused otherwise. Only http and https URLs are ever fetched.
+            max_image_bytes: responses larger than this are dropped before decoding (counted as refused: size).
             launcher: trainjob (a Kubeflow Trainer v2 TrainJob, Kubeflow >= 1.11), pytorchjob (a training-operator
                 v1 PyTorchJob), or local (torchrun inside the step: for clipline run on one machine).
             runtime: launcher trainjob: the ClusterTrainingRuntime the TrainJob references (clipline-torch, shipped
@@ -338,11 +345,12 @@ def make_pipeline(parts: int = 1, image: str = IMAGE):
         lists = gathered.output
         if parts == 1:
             raw = c.ingest(url_list=lists, run_prefix=run_prefix, demo_limit=demo_limit, seed=seed, part=0,
-                           parts=1)
+                           parts=1, allow_networks=allow_networks, max_image_bytes=max_image_bytes)
             fan_out = []
         else:
             fan_out = [c.ingest(url_list=lists, run_prefix=run_prefix, demo_limit=demo_limit, seed=seed, part=k,
-                                parts=parts).set_display_name(f"ingest part {k + 1}/{parts}") for k in range(parts)]
+                                parts=parts, allow_networks=allow_networks, max_image_bytes=max_image_bytes)
+                       .set_display_name(f"ingest part {k + 1}/{parts}") for k in range(parts)]
             raw = c.merge_ingest(run_prefix=run_prefix, parts=parts, url_list=lists).after(*fan_out)
         filtered = [c.filter_part(raw=raw.outputs["raw"], recipe=recipe, objective=objective, run_prefix=run_prefix,
                                   part=k, parts=parts).set_display_name(f"preprocess filter part {k + 1}/{parts}")

@@ -267,23 +267,25 @@ def _ingest_processes() -> dict[str, int]:
     return {"processes": limited} if limited < len(os.sched_getaffinity(0)) else {}
 
 
-def ingest_step(url_list: str, run_prefix: str, *, demo_limit: int, seed: int, part: int = 0,
-                parts: int = 1) -> dict[str, Any]:
-    """Ingest the URL list, or with ``parts`` > 1 its ``part``-th contiguous part (merged by ``merge_ingest_step``)."""
+def ingest_step(url_list: str, run_prefix: str, *, demo_limit: int, seed: int, part: int = 0, parts: int = 1,
+                allow_networks: str = "", max_image_bytes: int | None = None) -> dict[str, Any]:
+    """Ingest the URL list, or with ``parts`` > 1 its ``part``-th contiguous part (merged by ``merge_ingest_step``).
+    ``allow_networks``: comma-separated CIDRs fetched from although not public (the demo allows its own server)."""
     from components.ingest.ingest import MANIFEST, ingest
-    from components.ingest.options import IngestOptions
+    from components.ingest.options import DEFAULT_MAX_IMAGE_BYTES, IngestOptions
 
     started = time.time()
+    safety = {"allow_networks": allow_networks, "max_image_bytes": max_image_bytes or DEFAULT_MAX_IMAGE_BYTES}
     output = ingest_prefix(run_prefix, part, parts)
     piece = (part, parts) if parts > 1 else None
     if url_list == DEMO_SOURCE:
         from components.ingest.demo import ingest_demo
 
         # Every part builds the same demo (same seed) and publishes the same held-out split; it ingests its part.
-        doc = ingest_demo(output, IngestOptions(**DEMO_INGEST, **_ingest_processes()), limit=demo_limit or None,
-                          seed=seed, part=piece)
+        doc = ingest_demo(output, IngestOptions(**DEMO_INGEST, **_ingest_processes(), **safety),
+                          limit=demo_limit or None, seed=seed, part=piece)
     else:
-        doc = ingest(url_list, output, IngestOptions(**_ingest_processes()), part=piece)
+        doc = ingest(url_list, output, IngestOptions(**_ingest_processes(), **safety), part=piece)
     return {"status": "done", "manifest": store.join(output, MANIFEST), "prefix": output, "counts": doc["counts"],
             "demo": url_list == DEMO_SOURCE, "duration_s": round(time.time() - started, 2)}
 

@@ -99,7 +99,9 @@ def site(tmp_path_factory):
 
 
 def _options(**kw) -> IngestOptions:
-    base = dict(image_size=32, number_sample_per_shard=5, processes=1, threads=8, timeout=2)
+    # the site is on loopback, which ingest refuses unless allowed (tests/test_ingest_security.py)
+    base = dict(image_size=32, number_sample_per_shard=5, processes=1, threads=8, timeout=2,
+                allow_networks=("127.0.0.1/32",))
     return IngestOptions(**{**base, **kw})
 
 

@@ -29,6 +29,7 @@ _OPTION_FLAGS = {
     "min_image_size": "min_image_size", "max_aspect_ratio": "max_aspect_ratio",
     "max_image_pixels": "max_image_pixels", "url_col": "url_col", "caption_col": "caption_col",
     "extra_col": "extra_columns", "input_format": "input_format", "min_success_rate": "min_success_rate",
+    "max_image_bytes": "max_image_bytes", "allow_network": "allow_networks",
 }  # fmt: skip
 
 
@@ -61,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--no-incremental", dest="incremental", action="store_false", default=None,
                        help="replace shards already under the output prefix instead of resuming")
     speed.add_argument("--min-success-rate", type=float, help="fail below this success rate (default 0.5)")
+
+    safety = parser.add_argument_group("what the URL list may fetch (see README, Security)")
+    safety.add_argument("--allow-network", action="append", metavar="CIDR",
+                        help="also fetch from this network although it is not public (repeatable), e.g. your own "
+                             "image servers at 10.20.0.0/16; loopback, private, link-local, CGNAT and multicast "
+                             "addresses are refused otherwise")
+    safety.add_argument("--max-image-bytes", type=int, help="drop responses larger than this (default 33554432)")
 
     columns = parser.add_argument_group("URL list")
     columns.add_argument("--url-col", help="URL column (default url)")

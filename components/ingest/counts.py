@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
+from components.ingest.egress import refusal_kind
+
 SUCCESS = "success"  # img2dataset's status_dict key for a sample written to the shard
 # A sample img2dataset counted but gave no status (an exception while writing it; its parquet row tells more).
 UNRECORDED = "error while writing the sample"
@@ -15,7 +17,11 @@ def bomb_reason(max_image_pixels: int) -> str:
 
 
 def normalise_reason(reason: str, max_image_pixels: int) -> str:
-    """One stable reason per cause: OpenCV's size assertion and img2dataset's area check are the same refusal."""
+    """One stable reason per cause: OpenCV's size assertion and img2dataset's area check are the same refusal, and
+    every egress refusal counts as ``refused: scheme``, ``refused: address`` or ``refused: size`` (egress.py)."""
+    refused = refusal_kind(reason)
+    if refused:
+        return refused
     if "CV_IO_MAX_IMAGE_PIXELS" in reason or reason == "image area too large":
         return bomb_reason(max_image_pixels)
     return reason

@@ -136,7 +136,10 @@ def ingest_demo(
             train.to_parquet(train_list, index=False)
             published = _publish_heldout(heldout, demo.image_dir, output_prefix, work)
             extra = tuple(dict.fromkeys((*options.extra_columns, *EXTRA_COLUMNS)))
-            options = IngestOptions.model_validate({**options.model_dump(), "extra_columns": extra})
+            # The demo's server is on loopback, which ingest refuses unless allowed: allow exactly its address.
+            allow = (*options.allow_networks, f"{server.host}/32")
+            options = IngestOptions.model_validate({**options.model_dump(), "extra_columns": extra,
+                                                    "allow_networks": allow})
             counts = {s: {"train": int((train["source"] == s).sum()), "heldout": int((heldout["source"] == s).sum())}
                       for s in SOURCES if s not in demo.skipped}
             return ingest(str(train_list), output_prefix, options, part=part, extra={"demo": {

@@ -57,6 +57,11 @@ class FileServer:
     root: Path
     _server: _CountingServer
 
+    @property
+    def host(self) -> str:
+        """The address it listens on (for an ingest allow-list entry)."""
+        return str(self._server.server_address[0])
+
     def url(self, relative_path: str) -> str:
         """The URL of a file under root (path segments percent-encoded)."""
         return f"{self.base_url}/{quote(relative_path)}"

@@ -1,11 +1,18 @@
 """Call ``img2dataset.download`` (pinned 1.47.0) on a normalised URL list, writing webdataset shards to a local dir.
 
 Must run in the main thread: img2dataset installs a SIGINT handler, which only the main thread may do.
+
+img2dataset downloads in worker processes it spawns, with ``urllib.request.urlopen``, and offers no hook to run code
+in them. Its "multiprocessing" distributor is replaced, for the call, by ``_guarded_pool``: the same kind of spawn
+pool, whose initializer installs the egress guard (egress.py) in every worker before it downloads anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import multiprocessing
 import os
 import signal
 import sys
@@ -13,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from components.common.env import temporarily_set
+from components.ingest import egress
 from components.ingest.options import IngestOptions
 from components.ingest.shard_committer import IMAGE_EXT, SHARD_DIGITS
 from components.ingest.url_list import CAPTION, URL
@@ -27,7 +35,8 @@ def download(url_list: Path, output_dir: Path, options: IngestOptions, processes
     # Worker processes are spawned inside download() and inherit this: OpenCV then refuses to decode an image over
     # the limit from its header, before allocating its pixels (img2dataset's own area check runs after decoding).
     env = {"OPENCV_IO_MAX_IMAGE_PIXELS": str(options.max_image_pixels)}
-    with temporarily_set(env), _restore_sigint(), _stdout_to_stderr():
+    policy = egress.EgressPolicy(options.allow_networks, options.max_image_bytes)
+    with temporarily_set(env), _guarded_workers(policy), _restore_sigint(), _stdout_to_stderr():
         try:
             img2dataset.download(
                 url_list=str(url_list),
@@ -63,6 +72,33 @@ def download(url_list: Path, output_dir: Path, options: IngestOptions, processes
             if exc.code in (0, None):
                 raise KeyboardInterrupt("img2dataset interrupted") from None
             raise
+
+
+@contextlib.contextmanager
+def _guarded_workers(policy: egress.EgressPolicy) -> Iterator[None]:
+    """img2dataset.download picks its distributor from its module's globals at call time (the module, not the
+    package attribute ``img2dataset.main``, which is the CLI function)."""
+    module = importlib.import_module("img2dataset.main")
+    original = module.multiprocessing_distributor
+    module.multiprocessing_distributor = functools.partial(_guarded_pool, policy.to_json())
+    try:
+        yield
+    finally:
+        module.multiprocessing_distributor = original
+
+
+def _guarded_pool(policy_json: str, processes: int, downloader, reader, _subjob_size, max_shard_retry: int) -> None:
+    """Run ``downloader`` over the shards ``reader`` yields in spawned workers that each install the egress guard
+    first (also the replacements for workers retired after 5 shards); shards that fail are retried."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes, maxtasksperchild=5, initializer=egress.install, initargs=(policy_json,)) as pool:
+        failed = [row for ok, row in pool.imap_unordered(downloader, reader) if ok is False]
+        for _ in range(max_shard_retry):
+            if not failed:
+                break
+            failed = [row for ok, row in pool.imap_unordered(downloader, failed) if ok is False]
+        pool.terminate()
+        pool.join()
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from components.common.config import Config
 
@@ -14,9 +14,12 @@ ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "b
 # Pillow's default decompression-bomb limit (about 9,459 px squared): large enough for any real photo, small enough
 # that a tiny PNG claiming 20,000 x 20,000 pixels is refused before its 1.2 GB of pixels are allocated.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 
 class IngestOptions(Config):
+    """``allow_networks`` is normalised to CIDRs (``192.0.2.7`` -> ``192.0.2.7/32``); a bad one names itself."""
+
     # What the shards hold: every image is re-encoded as JPEG at this size (img2dataset's resize modes).
     image_size: int = Field(256, ge=8, le=8192)
     resize_mode: ResizeMode = "border"
@@ -25,6 +28,11 @@ class IngestOptions(Config):
     min_image_size: int = Field(0, ge=0)
     max_aspect_ratio: float | None = Field(None, gt=1.0)  # None: no limit
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    # A response larger than this is dropped before decoding ("refused: size"): no image of a training set is near.
+    max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)
+    # Networks fetched from although they are not public (components/ingest/egress.py refuses loopback, private,
+    # link-local, CGNAT, multicast, ... by default): CIDRs of your own image servers, e.g. ["10.20.0.0/16"].
+    allow_networks: tuple[str, ...] = ()
 
     # How fast: worker processes (None: one per CPU, at most one per shard) and download threads per process.
     processes: int | None = Field(None, ge=1)
@@ -42,3 +50,11 @@ class IngestOptions(Config):
     incremental: bool = True
     # Below this fraction of successful downloads the run fails and writes no manifest.
     min_success_rate: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("allow_networks", mode="before")
+    @classmethod
+    def _cidrs(cls, value: object) -> tuple[str, ...]:
+        from components.ingest.egress import networks
+
+        items = [value] if isinstance(value, str) else list(value or ())
+        return networks(str(item) for item in items)

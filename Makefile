@@ -29,7 +29,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m components.preprocess.nltk_data
 	touch $@
 
+# The linter first (seconds; config in pyproject.toml [tool.ruff]), then the suite.
 test: install
+	$(BIN)/ruff check components pipelines tests benchmarks
 	$(BIN)/pytest
 
 demo: install

@@ -28,17 +28,17 @@ from typing import Callable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
-from open_clip.transform import image_transform  # noqa: E402
-from open_clip_train.data import get_wds_dataset  # noqa: E402
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import image_transform
+from open_clip_train.data import get_wds_dataset
 
-from components.common import store  # noqa: E402
-from components.ingest.demo import ingest_demo  # noqa: E402
-from components.ingest.options import IngestOptions  # noqa: E402
-from components.preprocess.options import PreprocessOptions  # noqa: E402
-from components.preprocess.preprocess import preprocess  # noqa: E402
-from components.train.data import TrainLoader, train_loader  # noqa: E402
-from components.train.distributed import World  # noqa: E402
+from components.common import store
+from components.ingest.demo import ingest_demo
+from components.ingest.options import IngestOptions
+from components.preprocess.options import PreprocessOptions
+from components.preprocess.preprocess import preprocess
+from components.train.data import TrainLoader, train_loader
+from components.train.distributed import World
 
 TEXT_LENGTH = 32
 SHARD_SIZE = 256

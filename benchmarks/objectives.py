@@ -31,7 +31,8 @@ CASES = {
     "clip": ObjectiveSpec(name="clip"),
     "clip (control)": ObjectiveSpec(name="clip"),  # a second, identical run: its "vs clip" is the noise floor
     "siglip": ObjectiveSpec(name="siglip"),
-    **{f"fastclip-{v}": ObjectiveSpec(name="fastclip", fastclip=FastClipSettings(version=v)) for v in ("v0", "v1", "v2", "v3")},
+    **{f"fastclip-{v}": ObjectiveSpec(name="fastclip", fastclip=FastClipSettings(version=v))
+       for v in ("v0", "v1", "v2", "v3")},
     **{f"amorlip-{d}": ObjectiveSpec(name="amorlip", amorlip=AmorLipSettings(divergence=d, lambda_steps=3))
        for d in ("log_l2", "kl_div_asym", "js_div")},
 }

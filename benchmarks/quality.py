@@ -522,11 +522,12 @@ def draw_panels(path: Path, panels: list[tuple[str, list[tuple], float | None]],
         tick = _nice_step(y_max / 5)
         y_max = math.ceil(y_max / tick) * tick
 
+        # called only within this iteration of the panel loop, so the loop variables they read are this panel's
         def sx(x: float) -> float:
-            return left + (right - left) * x / x_max
+            return left + (right - left) * x / x_max  # noqa: B023
 
         def sy(y: float) -> float:
-            return bottom - (bottom - top) * y / y_max
+            return bottom - (bottom - top) * y / y_max  # noqa: B023
 
         draw.text((ox + 10, oy + 4), f"{ptitle} ({y_label})", fill="black", font=f_text)
         y = 0.0
@@ -549,7 +550,7 @@ def draw_panels(path: Path, panels: list[tuple[str, list[tuple], float | None]],
                 cx += 12
         overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
         shade = ImageDraw.Draw(overlay)
-        for k, (label, xs, means, stds) in enumerate(series):
+        for k, (_label, xs, means, stds) in enumerate(series):
             color = PALETTE[k % len(PALETTE)]
             upper = [(sx(x), sy(m + s)) for x, m, s in zip(xs, means, stds)]
             lower = [(sx(x), sy(max(0.0, m - s))) for x, m, s in zip(xs, means, stds)]
@@ -557,7 +558,7 @@ def draw_panels(path: Path, panels: list[tuple[str, list[tuple], float | None]],
                 shade.polygon(upper + lower[::-1], fill=(*color, 50))
         image.alpha_composite(overlay)
         draw = ImageDraw.Draw(image)
-        for k, (label, xs, means, stds) in enumerate(series):
+        for k, (label, xs, means, _stds) in enumerate(series):
             color = PALETTE[k % len(PALETTE)]
             pts = [(sx(x), sy(m)) for x, m in zip(xs, means)]
             if len(pts) > 1:

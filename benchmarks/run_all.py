@@ -13,7 +13,8 @@ Runs, one after the other, each as its own process (so one's memory and threads 
   64 and 256 over 3 seeds, with ``accuracy_vs_samples.png``, and CLIPA's two stages and image masks against full
   tokens, with ``clipa.png``.
 
-Their output is shown as it comes (less img2dataset's progress lines) and kept in ``<out>/<name>.log``. ``<out>/results.json`` holds, per benchmark, its
+Their output is shown as it comes (less img2dataset's progress lines) and kept in ``<out>/<name>.log``.
+``<out>/results.json`` holds, per benchmark, its
 exit code, wall seconds, peak memory (the largest resident set of its process tree, from ``wait4``'s ``ru_maxrss``)
 and its figures: the JSON of the scripts that write one (``--json``), otherwise the figures parsed from its tables.
 Temporary files go to a directory of their own (``TMPDIR``), removed at the end. ``--quick`` runs every benchmark
@@ -88,7 +89,8 @@ def run(name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> dict[
 
 NOISE = re.compile(r"^(worker|total)\s+- success|\d+it \[|^Starting the downloading|^Sharding file|^File sharded|"
                    r"^Downloading starting now")
-LOADER_RATE = re.compile(r"^(.+?)\s+([\d.]+) samples/s per worker \(([\d.]+) samples/s total; warm-up epoch ([\d.]+) s\)")
+LOADER_RATE = re.compile(r"^(.+?)\s+([\d.]+) samples/s per worker "
+                         r"\(([\d.]+) samples/s total; warm-up epoch ([\d.]+) s\)")
 RATIO = re.compile(r"^ratio clipline / open_clip_train: ([\d.]+)x")
 OBJECTIVE_ROW = re.compile(r"^(\S.*?)\s+([\d.]+)\s+([+-][\d.]+)%\s+([\d,]+)$")
 TABLE_ROW = re.compile(r"^\s+(v\d): (\d+) B/sample, ([\d.]+) GB per node shared, ([\d.]+) GB if replicated per rank")

@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the S3 endpoint in AWS_ENDPOINT_URL instead of an embedded store")
     run.set_defaults(func=_run)
 
-    from pipelines.submit import COMPILED, MIN_KFP_BACKEND, PIPELINE_NAME, TOKEN_PATH_ENV
     from components.train.launch.jobspec import DEFAULT_IMAGE
+    from pipelines.submit import COMPILED, MIN_KFP_BACKEND, PIPELINE_NAME, TOKEN_PATH_ENV
 
     comp = sub.add_parser("compile", help="write the Kubeflow pipeline YAML (pipelines/compiled/)",
                           description="Compile the KFP pipeline clip-pretrain to YAML for upload in the KFP UI or "

@@ -98,7 +98,8 @@ def run_local(
 def _resolved_url_lists(url_list: str) -> str:
     """The URL list(s) with local paths made absolute (the steps run in other processes), each checked to exist: one
     list, comma-separated lists, or a directory/prefix ending in "/" (gathered by the pipeline's first step)."""
-    from pipelines.steps import StepError, url_lists_under
+    from components.ingest.gather import url_lists_under
+    from pipelines.steps import StepError
 
     out = []
     for item in filter(None, (part.strip() for part in url_list.split(","))):

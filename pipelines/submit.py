@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from components.common import store
-from pipelines.steps import URL_LIST_SUFFIXES, url_lists_under  # noqa: F401 - re-exported for callers
+from components.ingest.gather import URL_LIST_SUFFIXES, url_lists_under
 
 log = logging.getLogger("clipline.submit")
 
@@ -201,7 +201,7 @@ def ensure_pipeline_version(client: Any, package: Path, *, pipeline_name: str, v
     try:
         created = client.upload_pipeline_version(str(package), version, pipeline_id=pipeline_id,
                                                  description=description)
-    except Exception:  # noqa: BLE001 - another submitter may have uploaded the same version just now
+    except Exception:
         current = existing()
         if current is None:
             raise

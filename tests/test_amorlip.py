@@ -150,7 +150,7 @@ def test_lambda_update_matches_the_direct_formulas(divergence, reg):
     moments = [objective.lambda_optimizer.state[p]["exp_avg"] for p in objective.online.parameters()]
     for name_param, g, m in zip(online.named_parameters(), expected, moments):
         atol = 1e-5 * float(g.abs().max())  # fp32 against fp64: near-zero elements carry the rows' rounding
-        torch.testing.assert_close(m.double() / 0.1, g, rtol=1e-4, atol=atol, msg=lambda e: f"{name_param[0]}: {e}")
+        torch.testing.assert_close(m.double() / 0.1, g, rtol=1e-4, atol=atol, msg=lambda e: f"{name_param[0]}: {e}")  # noqa: B023
 
 
 def test_encoder_loss_and_temperature_gradient_match_b6():

@@ -4,8 +4,8 @@ import open_clip
 import pytest
 import torch
 
-from components.common.recipe import ImageTokens, Stage, TextTokens
 from components.common import open_clip_models
+from components.common.recipe import ImageTokens, Stage, TextTokens
 from components.train import clipa
 
 TINY = "clipline-tiny"
@@ -196,8 +196,8 @@ def test_switch_to_full_tokens_carries_weights():
 
 
 def test_token_counts():
-    def stage(image=ImageTokens(), text=TextTokens()):
-        return Stage(name="s", samples=1, base_lr=1e-3, image=image, text=text)
+    def stage(image=None, text=None):
+        return Stage(name="s", samples=1, base_lr=1e-3, image=image or ImageTokens(), text=text or TextTokens())
 
     assert clipa.token_counts(TINY, stage()) == (16, 16)
     assert clipa.token_counts(TINY, stage(ImageTokens(size=16), TextTokens(length=8))) == (4, 8)

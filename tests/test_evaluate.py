@@ -25,7 +25,12 @@ from PIL import Image
 from components.common import store
 from components.evaluate import metrics as M
 from components.evaluate.benchmark_data import (
-    BenchmarkDataError, NewSample, benchmarks_from_heldout, benchmarks_from_sources, iter_samples, open_benchmark,
+    BenchmarkDataError,
+    NewSample,
+    benchmarks_from_heldout,
+    benchmarks_from_sources,
+    iter_samples,
+    open_benchmark,
     write_benchmark,
 )
 from components.evaluate.evaluate import EvaluateError, evaluate
@@ -144,7 +149,8 @@ def test_evaluate_end_to_end(any_prefix):
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)] * 3
     retrieval = write_benchmark(
         store.join(any_prefix, "bench", "squares"), task="zeroshot_retrieval", shard_size=5,
-        samples=[NewSample(f"{i:03d}", _png(c), "png", captions=cap) for i, (c, cap) in enumerate(zip(colors, captions))])
+        samples=[NewSample(f"{i:03d}", _png(c), "png", captions=cap)
+                 for i, (c, cap) in enumerate(zip(colors, captions))])
     assert retrieval["shards"] == 3
     checkpoint = _tiny_checkpoint(any_prefix)
 

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_harness import run_ranks
 from torch import nn
 
 from components.common.recipe import FastClipSettings
@@ -20,7 +21,6 @@ from components.train.distributed import World, barrier
 from components.train.objectives import ObjectiveContext
 from components.train.objectives.fastclip import FastClipObjective, gamma_at, table_memory
 from components.train.objectives.sample_tables import SampleTables
-from distributed_harness import run_ranks
 
 G, D, N = 12, 8, 40  # global batch, embedding width, dataset size
 EPS = 1e-14  # FastClipSettings.eps default

@@ -34,7 +34,7 @@ UNDECODABLE = "Image decoding error"
 
 
 class SlowHandler(QuietFileHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path.startswith("/slow/"):
             self.server.count(self.path)
             time.sleep(SLOW_S)

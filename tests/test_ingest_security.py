@@ -46,7 +46,7 @@ class Site(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.seen.append(self.path)
         if self.path.startswith("/img/"):
             self._send(_jpeg(int(self.path.split("/")[-1].split(".")[0])))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_kube import FakeKube, stamp
 
 from components.common import store
 from components.common.recipe import load_recipe
@@ -26,7 +27,6 @@ from components.train.launch import component, pytorchjob, trainjob
 from components.train.launch.kube import KubeApi
 from components.train.launch.validation import validate_object
 from pipelines import steps
-from fake_kube import FakeKube, stamp
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = load_recipe(REPO / "configs" / "demo.yaml")
@@ -127,7 +127,8 @@ def test_success_owned_job_status_subresource_log_reconnect_deleted(target, fake
     printed = [ln for ln in capsys.readouterr().out.splitlines() if "[attempt" in ln]
     assert printed == [f"[attempt 0] {text}" for text in LINES]
     assert fake.streams[("team-a", rank0_pod(target, name)[0])] >= 3
-    assert {(r["timestamps"], r["follow"], r["container"]) for r in fake.log_requests} == {("True", "True", target.container)}
+    requests = {(r["timestamps"], r["follow"], r["container"]) for r in fake.log_requests}
+    assert requests == {("True", "True", target.container)}
     assert any("sinceSeconds" in r for r in fake.log_requests)  # re-opened streams ask only for recent lines
 
 
@@ -239,7 +240,7 @@ def test_every_call_the_launcher_makes_is_allowed_by_the_overlays_rbac(overlay, 
     against the fake API with the step's identity of ``overlay``, then evaluate Kubernetes RBAC over the overlay's
     rendered Roles/Bindings (tests/rbac.py) for every recorded call: each must be allowed for the account KFP runs
     the step as, in the job namespace, and nothing may have been called elsewhere."""
-    from rbac import allowed, rendered, STEP_IDENTITY
+    from rbac import STEP_IDENTITY, allowed, rendered
 
     from components.train.launch.scheduler import create_pytorchjob_scheduler, create_trainjob_scheduler
 

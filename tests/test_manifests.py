@@ -18,16 +18,29 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
+import rbac
 import yaml
 from kubernetes_validate import utils as kubernetes_validate
+from rbac import (
+    COMPOSED,
+    EXAMPLES,
+    LAUNCHER_CALLS,
+    MANIFESTS,
+    OVERLAYS,
+    RETRAIN_SERVICE_ACCOUNT,
+    STEP_IDENTITY,
+    TRAINER_SERVICE_ACCOUNT,
+    allowed,
+    bindings_for,
+    expand,
+    kustomize,
+    render_kustomization,
+)
 
-import rbac
 from components.train.launch import pytorchjob as pytorchjob_target
 from components.train.launch import trainjob as trainjob_target
 from components.train.launch.jobspec import DEFAULT_IMAGE, JobSpec, derived_resources
 from components.train.launch.validation import JobValidationError, validate_object
-from rbac import (COMPOSED, EXAMPLES, LAUNCHER_CALLS, MANIFESTS, OVERLAYS, RETRAIN_SERVICE_ACCOUNT, STEP_IDENTITY,
-                  TRAINER_SERVICE_ACCOUNT, allowed, bindings_for, expand, kustomize, render_kustomization)
 
 # The oldest Kubernetes minor we support (CronJob timeZone, PSS labels, projected tokens) and the project's kubectl.
 KUBERNETES_VERSIONS = ("1.30", "1.32")
@@ -204,7 +217,7 @@ def restricted_violations(obj: Dict[str, Any]) -> List[str]:
 
 
 def validate_custom_resource(obj: Dict[str, Any]) -> None:
-    validate_object(obj)  # CRD schema, undeclared fields, CEL rules, webhook rules (components/train/launch/validation.py)
+    validate_object(obj)  # CRD schema, undeclared fields, CEL rules, webhook rules (launch/validation.py)
 
 
 # =============================================================================================== (1) rendering

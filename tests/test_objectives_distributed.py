@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from distributed_harness import run_ranks
 from torch import nn
 
 from components.common.recipe import AmorLipSettings, FastClipSettings, ObjectiveSpec
 from components.train.distributed import World
 from components.train.objectives import ObjectiveContext, build_objective
-from distributed_harness import run_ranks
 
 G, N, EMBED = 16, 40, 16  # global batch, dataset size, embedding width
 

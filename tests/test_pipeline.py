@@ -122,7 +122,7 @@ def test_every_parameter_is_described_and_none_is_a_credential(spec):
 
 def test_every_step_gets_store_credentials_from_the_secret_and_caching_is_off(spec, platform):
     assert len(platform) == len(TASKS)  # one per task: every task, fan-out included, gets the credentials
-    for name, config in platform.items():
+    for config in platform.values():
         (secret,) = config["secretAsEnv"]
         assert secret["secretName"] == "clipline-store-credentials"
         assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}

@@ -52,7 +52,7 @@ def make_result() -> dict:
             conf[i][j] += 1
     recall10 = [conf[i][i] / sum(conf[i]) for i in range(10)]
     examples10 = []
-    for k, (color, rgb) in enumerate(list(COLORS.items())[:6]):
+    for k, (_color, rgb) in enumerate(list(COLORS.items())[:6]):
         label = names10[k]
         probs = sorted((rng.random() for _ in range(5)), reverse=True)
         total = sum(probs) * 1.2

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from open_clip.tokenizer import SimpleTokenizer
+from train_shards import draw_shape, write_shapes_dataset
 
 from components.common import store
 from components.common.config import ConfigError
@@ -27,7 +28,6 @@ from components.train.distributed import World
 from components.train.export import load_exported
 from components.train.loop import RunOptions, TrainingError, train
 from components.train.progress import LOG_NAME, METRICS_NAME, TENSORBOARD_DIR
-from train_shards import draw_shape, write_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

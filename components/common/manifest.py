@@ -33,5 +33,6 @@ def read_manifest(uri: str, kind: str) -> dict[str, Any]:
     if doc.get("kind") != kind:
         raise ManifestError(f"{uri} is a {doc.get('kind')!r} manifest, expected {kind!r}")
     if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ManifestError(f"{uri} has schema_version {doc.get('schema_version')}, this clipline reads {SCHEMA_VERSION}")
+        raise ManifestError(f"{uri} has schema_version {doc.get('schema_version')}, "
+                            f"this clipline reads {SCHEMA_VERSION}")
     return doc

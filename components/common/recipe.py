@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from components.common.config import Config, load_yaml, parse_yaml
 
+
 class ModelSpec(Config):
     """An open_clip model: a registered config name (built in, or shipped in components/common/model_configs/) or an
     inline config."""

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
-from minio.commonconfig import CopySource, ComposeSource
+from minio.commonconfig import ComposeSource, CopySource
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 T = TypeVar("T")
@@ -476,7 +476,7 @@ def register_webdataset_scheme() -> None:
     """Let webdataset open ``s3://`` URLs through this module (streaming, retried, credentials from the env)."""
     import webdataset
 
-    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:
+    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:  # noqa: ARG001 - gopen's
         if mode != "rb":
             raise StoreError(f"webdataset can only read s3:// URLs here; publish shards with store.put_file ({url})")
         return open_read(url)

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     except (EvaluateError, BenchmarkDataError, SourceUnavailable, store.StoreError) as exc:
         print(f"clipline evaluate: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"metrics": store.join(args.output, METRICS_FILE), "report": store.join(args.output, "report.html"),
+    print(json.dumps({"metrics": store.join(args.output, METRICS_FILE),
+                      "report": store.join(args.output, "report.html"),
                       "datasets": {name: r["metrics"] for name, r in doc["datasets"].items()}}))
     return 0

@@ -59,7 +59,8 @@ class EgressPolicy:
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
-                raise ValueError(f"allow_networks: {cidr!r} is not a CIDR (e.g. 10.20.0.0/16 or 192.0.2.7/32)")
+                raise ValueError(f"allow_networks: {cidr!r} is not a CIDR (e.g. 10.20.0.0/16 or 192.0.2.7/32)") \
+                    from None
         if self.max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
 
@@ -163,7 +164,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, policy: EgressPolicy) -> None:
         self.policy = policy
 
-    def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001 - urllib's signature
+    def http_error_302(self, req, fp, code, msg, headers):
         target = headers.get("location") or headers.get("uri")
         if target:
             self.policy.check_url(urllib.parse.urljoin(req.full_url, target))
@@ -255,7 +256,8 @@ def networks(items: Iterable[str]) -> tuple[str, ...]:
             try:
                 text = str(ipaddress.ip_network(cidr, strict=False))
             except ValueError:
-                raise ValueError(f"allow_networks: {cidr!r} is not a CIDR (e.g. 10.20.0.0/16 or 192.0.2.7/32)")
+                raise ValueError(f"allow_networks: {cidr!r} is not a CIDR (e.g. 10.20.0.0/16 or 192.0.2.7/32)") \
+                    from None
             if text not in out:
                 out.append(text)
     return tuple(out)

@@ -22,11 +22,11 @@ class QuietFileHandler(SimpleHTTPRequestHandler):
 
     server: "_CountingServer"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self.server.count(self.path)
         super().do_GET()
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature of the base class
+    def log_message(self, format: str, *args) -> None:
         pass
 
 

@@ -4,7 +4,8 @@ Stage 1 trains at reduced tokens (a smaller image and/or an image patch mask; a 
 full tokens. This module owns the model side of that:
 
 * the model configs shipped in ``components/common/model_configs/`` (upstream open_clip deleted the CLIPA
-  configs its own scripts used; ``components.common.open_clip_models`` registers them). ``clipline-tiny`` is a toy model for tests and the demo; ``clipline-ViT-B-16-CL32`` and
+  configs its own scripts used; ``components.common.open_clip_models`` registers them). ``clipline-tiny`` is a toy
+  model for tests and the demo; ``clipline-ViT-B-16-CL32`` and
   ``clipline-ViT-L-16-CL32`` follow CLIPA's vision tower (global average pooling, no ``ln_pre``, LN after pooling, as in
   open_clip's ViT-L-14-CLIPA config) with CLIPA's 32-token text context. They use open_clip's own CLIP BPE tokenizer
   (shipped in the wheel, no hub download) instead of CLIPA's bert-base-uncased, and so keep open_clip's default text
@@ -34,14 +35,14 @@ from components.common.open_clip_models import model_config, resolve_model_name
 MaskMode = Literal["none", "random", "grid", "block"]
 
 
-# ---------------------------------------------------------------------------------------------------------------- configs
+# -------------------------------------------------------------------------------------------------------------- configs
 
 
 def _side(value: int | list[int] | tuple[int, ...]) -> int:
     return value if isinstance(value, int) else int(value[0])
 
 
-# ------------------------------------------------------------------------------------------------------------ image masks
+# ---------------------------------------------------------------------------------------------------------- image masks
 
 
 def mask_keep_count(mode: MaskMode, grid: tuple[int, int], keep: float = 1.0) -> int:
@@ -153,7 +154,7 @@ class TokenMask(nn.Module):
         return patches if cls_tokens is None else torch.cat((cls_tokens, patches), dim=1)
 
 
-# ---------------------------------------------------------------------------------------------------------- stage models
+# --------------------------------------------------------------------------------------------------------- stage models
 
 
 def _grid_size(model: nn.Module) -> tuple[int, int]:
@@ -240,7 +241,7 @@ def switch_to_full_tokens(
     return switch_stage(model_stage1, model, _Full(), **kw)
 
 
-# ---------------------------------------------------------------------------------------------------------- token counts
+# --------------------------------------------------------------------------------------------------------- token counts
 
 
 def token_counts(model_cfg: str | Mapping[str, Any] | Any, stage: Any) -> tuple[int, int]:
@@ -261,7 +262,7 @@ def token_counts(model_cfg: str | Mapping[str, Any] | Any, stage: Any) -> tuple[
     return image_tokens, min(text_tokens, int(text.get("context_length", 77)))
 
 
-# ------------------------------------------------------------------------------------------------------------ short text
+# ----------------------------------------------------------------------------------------------------------- short text
 
 
 def _encode_text_any_length(self: nn.Module, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:

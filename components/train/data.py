@@ -54,6 +54,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from components.common import datasets, store
 from components.common.manifest import read_manifest
 from components.common.recipe import Recipe, Stage
+
 # Preprocess owns the syntax mask's word selection (it stored the POS ranks); reusing it keeps both sides in step.
 from components.preprocess.syntax_mask import syntax_masked_text
 from components.train.distributed import World

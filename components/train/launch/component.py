@@ -2,8 +2,8 @@
 
 Locally: ``torchx run -s local_cwd components/train/launch/component.py:train --recipe configs/demo.yaml
 --data s3://bucket/run/train-data/manifest.json --output s3://bucket/run/train --nproc_per_node 2``.
-On Kubeflow: ``torchx run -s trainjob ... components/train/launch/component.py:train --recipe ... --nnodes 3`` (Trainer v2;
-``-s pytorchjob`` for training-operator v1).
+On Kubeflow: ``torchx run -s trainjob ... components/train/launch/component.py:train --recipe ... --nnodes 3``
+(Trainer v2; ``-s pytorchjob`` for training-operator v1).
 
 The recipe is checked here, before anything is launched, when its file is readable from where torchx runs
 (batch divisible by the world size, text lengths within the model's context, ...): a bad value fails in seconds.

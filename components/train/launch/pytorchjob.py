@@ -27,8 +27,8 @@ CONTAINER = "pytorch"  # the operator finds the trainer container by this name
 TTL_AFTER_FINISHED_S = 86400
 
 
-def build(spec: JobSpec, options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """``options``: none apply to a PyTorchJob (a TrainJob takes its runtime there)."""
+def build(spec: JobSpec, options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:  # noqa: ARG001
+    """``options``: none apply to a PyTorchJob (a TrainJob takes its runtime there; Target.build's signature)."""
     container = {
         "name": CONTAINER, "image": spec.image, "imagePullPolicy": "IfNotPresent",
         "command": spec.torchrun(), "env": spec.container_env(), "resources": pod.resources(spec),

@@ -2,8 +2,9 @@
 
 Two layers, both offline:
 - the upstream CRD (shipped in ``crds/`` as package data, so the image checks too): its OpenAPI v3 schema with
-  jsonschema, fields it does not declare (which the API server would prune silently), and its ``x-kubernetes-validations`` CEL rules with cel-python (transition rules, which compare with
-  ``oldSelf``, only apply to updates and are skipped);
+  jsonschema, fields it does not declare (which the API server would prune silently), and its
+  ``x-kubernetes-validations`` CEL rules with cel-python (transition rules, which compare with ``oldSelf``, only
+  apply to updates and are skipped);
 - the operator's admission-webhook rules, which the CRD does not express: ``pytorchjob.webhook_rules`` and
   ``trainjob.webhook_rules`` (each cites the upstream source it encodes).
 """
@@ -19,7 +20,8 @@ import yaml
 CRDS = {
     ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.v1.9.0.yaml",
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.v2.3.0.yaml",
-    ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): "trainer.kubeflow.org_clustertrainingruntimes.v2.3.0.yaml",
+    ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"):
+        "trainer.kubeflow.org_clustertrainingruntimes.v2.3.0.yaml",
     ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"): "trainer.kubeflow.org_trainingruntimes.v2.3.0.yaml",
 }
 MAX_ERRORS = 10

@@ -84,7 +84,8 @@ class LambdaNetworks(nn.Module):
         self.w1, self.b1 = self._linear(dim, hidden)
         self.w2, self.b2 = self._linear(hidden, dim)
         self.w3, self.b3 = self._linear(dim, 1)
-        self.norm1_weight, self.norm1_bias = nn.Parameter(torch.ones(2, 1, hidden)), nn.Parameter(torch.zeros(2, 1, hidden))
+        self.norm1_weight = nn.Parameter(torch.ones(2, 1, hidden))
+        self.norm1_bias = nn.Parameter(torch.zeros(2, 1, hidden))
         self.norm2_weight, self.norm2_bias = nn.Parameter(torch.ones(2, 1, dim)), nn.Parameter(torch.zeros(2, 1, dim))
 
     @staticmethod

@@ -128,42 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # Every stage's CLI registers its own subcommand (help, arguments, handler) the same way.
+    from components.evaluate import cli as evaluate_cli
     from components.ingest import cli as ingest_cli
-    from components.preprocess.cli import add_parser as add_preprocess_parser
-
-    ingest = sub.add_parser(
-        "ingest", help="download a URL list with img2dataset into webdataset shards in the object store",
-        description="Download a URL list (parquet, csv, tsv or jsonl; local or s3://) with img2dataset into "
-                    "webdataset shards under <output>/shards/, uploaded as each completes, and commit a manifest "
-                    "with success and failure counts by reason. --demo builds the list from real images installed "
-                    "offline (emoji, openclipart, Animal-MNIST), serves it on 127.0.0.1 and holds out a split.",
-    )
-    ingest_cli.add_arguments(ingest)
-    ingest.set_defaults(func=ingest_cli.run)
-    add_preprocess_parser(sub)
+    from components.preprocess import cli as preprocess_cli
     from components.train import cli as train_cli
 
-    train = sub.add_parser(
-        "train", help="train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun",
-        description="Check the recipe against the job (batch divisible by the ranks, text lengths within the "
-                    "model's context, ...), then run torchrun with --nproc-per-node training processes on this "
-                    "machine: CLIPA stages in order, checkpoints under --output (resumed with --resume auto), "
-                    "log.jsonl, TensorBoard scalars, metrics.json and the exported open_clip model.",
-    )
-    train_cli.add_arguments(train)
-    train.set_defaults(func=train_cli.run)
-    from components.evaluate import cli as evaluate_cli
-
-    evaluate = sub.add_parser(
-        "evaluate", help="zero-shot classification and retrieval of a model, with metrics.json",
-        description="Evaluate an open_clip model (a config name, an inline JSON config or a .json file, plus a "
-                    "checkpoint, ours or open_clip_train's) on datasets in CLIP_benchmark's webdataset layout: "
-                    "zero-shot classification (acc1, acc5, mean per-class recall) and retrieval (recall@1/5/10), "
-                    "as CLIP_benchmark defines them. --write-datasets builds such datasets from the offline demo "
-                    "sources (Animal-MNIST, emoji groups and names, openclipart categories).",
-    )
-    evaluate_cli.add_arguments(evaluate)
-    evaluate.set_defaults(func=evaluate_cli.run)
+    for stage in (ingest_cli, preprocess_cli, train_cli, evaluate_cli):
+        stage.register(sub)
 
     run = sub.add_parser(
         "run", help="run the whole pipeline locally with an embedded S3 store",
@@ -269,6 +241,9 @@ def _exit_on_sigterm(signum, frame):  # noqa: ARG001
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes, for every subcommand: 0 done; 1 the work ran and failed (bad data, a failed job or download, too
+    many rejects), the reason on stderr; 2 the command cannot run as given (arguments, recipe or config, the
+    store's settings), named on stderr before anything starts."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -171,11 +171,12 @@ def test_short_text_runs_in_stage1():
 
 
 def test_switch_to_full_tokens_carries_weights():
+    # stage 2 at full tokens: the config's own image size, no mask
     stage1 = clipa.build_stage_model(TINY, ImageTokens(size=16, mask="grid"))
     with torch.no_grad():  # make the weights distinguishable from a fresh init
         for p in stage1.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    stage2 = clipa.switch_to_full_tokens(stage1, TINY)
+    stage2 = clipa.switch_stage(stage1, TINY, ImageTokens())
     assert stage2.visual.grid_size == (4, 4)
     assert isinstance(stage2.visual.patch_dropout, torch.nn.Identity)
     s1, s2 = stage1.state_dict(), stage2.state_dict()

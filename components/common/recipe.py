@@ -16,6 +16,11 @@ from pydantic import Field, model_validator
 
 from components.common.config import Config, load_yaml, parse_yaml
 
+# The names a recipe may use; the code that dispatches on them derives its lists from these (typing.get_args).
+ObjectiveName = Literal["clip", "siglip", "fastclip", "amorlip"]
+ImageMask = Literal["none", "random", "grid", "block"]
+TextMask = Literal["truncate", "random", "block", "syntax"]
+
 
 class ModelSpec(Config):
     """An open_clip model: a registered config name (built in, or shipped in components/common/model_configs/) or an
@@ -86,7 +91,7 @@ class AmorLipSettings(Config):
 
 
 class ObjectiveSpec(Config):
-    name: Literal["clip", "siglip", "fastclip", "amorlip"] = "clip"
+    name: ObjectiveName = "clip"
     siglip: SigLipSettings = SigLipSettings()
     fastclip: FastClipSettings = FastClipSettings()
     amorlip: AmorLipSettings = AmorLipSettings()
@@ -106,7 +111,7 @@ class ImageTokens(Config):
     """How many image tokens a stage uses: a smaller size (fewer patches) and/or a patch mask."""
 
     size: int | None = Field(None, ge=8)  # None: the model's native image size
-    mask: Literal["none", "random", "grid", "block"] = "none"
+    mask: ImageMask = "none"
     keep: float = Field(1.0, gt=0.0, le=1.0)  # fraction of patches kept by the random and block masks
 
     @model_validator(mode="after")
@@ -120,7 +125,7 @@ class ImageTokens(Config):
 
 class TextTokens(Config):
     length: int | None = Field(None, ge=3)  # None: the model's context length; 3 = SOT + 1 token + EOT
-    mask: Literal["truncate", "random", "block", "syntax"] = "truncate"
+    mask: TextMask = "truncate"
 
 
 class Stage(Config):

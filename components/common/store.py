@@ -214,17 +214,22 @@ class _S3Backend:
         while True:
             try:
                 return fn()
-            except Exception as exc:  # noqa: BLE001 - classified below, re-raised as StoreError
-                transient, cause = _classify(exc)
-                if not transient:
-                    kind = ObjectNotFound if isinstance(exc, S3Error) and exc.code in ("NoSuchKey", "NoSuchBucket") \
-                        else StoreError
-                    raise kind(f"{what} {uri} at {self.settings.endpoint}: {cause}") from None
-                if not backoff.wait():
-                    raise StoreUnavailable(
-                        f"{what} {uri} at {self.settings.endpoint}: still failing after {backoff.attempt + 1} "
-                        f"attempts over {backoff.elapsed():.1f}s: {cause}"
-                    ) from None
+            except Exception as exc:  # noqa: BLE001 - classified by _retry_or_raise
+                self._retry_or_raise(what, uri, exc, backoff)
+
+    def _retry_or_raise(self, what: str, uri: str, exc: Exception, backoff: _Backoff) -> None:
+        """The one retry policy: return (after the backoff's sleep) to try a transient error again; raise
+        ObjectNotFound, StoreError or, once the window is spent, StoreUnavailable otherwise."""
+        transient, cause = _classify(exc)
+        if not transient:
+            kind = ObjectNotFound if isinstance(exc, S3Error) and exc.code in ("NoSuchKey", "NoSuchBucket") \
+                else StoreError
+            raise kind(f"{what} {uri} at {self.settings.endpoint}: {cause}") from None
+        if not backoff.wait():
+            raise StoreUnavailable(
+                f"{what} {uri} at {self.settings.endpoint}: still failing after {backoff.attempt + 1} "
+                f"attempts over {backoff.elapsed():.1f}s: {cause}"
+            ) from None
 
     # -- writes: staging key, then commit by server-side copy ----------------------------------------------------
 
@@ -266,13 +271,8 @@ class _S3Backend:
                     if not obj.object_name.startswith(STAGING_PREFIX):
                         yield ObjectInfo(f"s3://{bucket}/{obj.object_name}", obj.size or 0)
                 return
-            except Exception as exc:  # noqa: BLE001
-                transient, cause = _classify(exc)
-                if not transient:
-                    kind = ObjectNotFound if isinstance(exc, S3Error) and exc.code == "NoSuchBucket" else StoreError
-                    raise kind(f"list {prefix_uri} at {self.settings.endpoint}: {cause}") from None
-                if not backoff.wait():
-                    raise StoreUnavailable(f"list {prefix_uri} at {self.settings.endpoint}: {cause}") from None
+            except Exception as exc:  # noqa: BLE001 - classified by _retry_or_raise; resumes after ``last``
+                self._retry_or_raise("list", prefix_uri, exc, backoff)
 
     def exists(self, uri: str) -> bool:
         bucket, key = split_s3(uri)

@@ -17,6 +17,21 @@ import sys
 from components.common import store
 
 
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``clipline evaluate``: its help, arguments and handler."""
+    p = subparsers.add_parser(
+        "evaluate", help="zero-shot classification and retrieval of a model, with metrics.json",
+        description="Evaluate an open_clip model (a config name, an inline JSON config or a .json file, plus a "
+                    "checkpoint, ours or open_clip_train's) on datasets in CLIP_benchmark's webdataset layout: "
+                    "zero-shot classification (acc1, acc5, mean per-class recall) and retrieval (recall@1/5/10), "
+                    "as CLIP_benchmark defines them. --write-datasets builds such datasets from the offline demo "
+                    "sources (Animal-MNIST, emoji groups and names, openclipart categories).",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="output prefix (path, file:// or s3:// URI)")
     ev = parser.add_argument_group("evaluate")

@@ -18,8 +18,8 @@ _OPTION_FIELDS = ("resolutions", "shard_size", "min_shards", "min_image_side", "
                   "processes")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    defaults = PreprocessOptions()
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``clipline preprocess``: its help, arguments and handler."""
     p = subparsers.add_parser(
         "preprocess", help="filter, densely index, resize and re-shard raw shards for training",
         description="Read the raw img2dataset shards of a RAW_SHARDS manifest and write training shards: rejected "
@@ -27,6 +27,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "caption POS orders for the syntax mask, balanced shards, sizes.json, and a TRAIN_SHARDS "
                     "manifest at <output>/manifest.json, written last. A rerun continues a crashed run.",
     )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = PreprocessOptions()
     p.add_argument("--raw-manifest", required=True, help="URI of the RAW_SHARDS manifest written by ingest")
     p.add_argument("--output", required=True, help="s3:// or file:// prefix for the training shards (empty, or "
                                                    "holding an unfinished run of the same inputs and options)")
@@ -41,8 +48,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--max-reject-fraction", type=float,
                    help=f"fail when more of the input is rejected (default: {defaults.max_reject_fraction})")
     p.add_argument("--processes", type=int, help="worker processes (default: one per available CPU)")
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         doc = preprocess(args.raw_manifest, args.output, options)
     except (PreprocessError, NltkDataError, ManifestError) as exc:
         print(f"clipline preprocess: {exc}", file=sys.stderr)
-        return 2
+        return 1
     print(json.dumps({"manifest": Layout(args.output.rstrip("/")).manifest_uri, "num_samples": doc["num_samples"],
                       "shards": len(doc["shards"]), "rejected": doc["rejected"]}))
     return 0

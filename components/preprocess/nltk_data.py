@@ -47,10 +47,6 @@ class NltkDataError(RuntimeError):
     pass
 
 
-def is_built(root: Path = DEFAULT_ROOT) -> bool:
-    return _present(root / TAGGER_DIR, TAGGER_FILES) and _present(root / PUNKT_DIR, PUNKT_FILES)
-
-
 def _present(directory: Path, files: tuple[str, ...]) -> bool:
     return all((directory / f).is_file() for f in files)
 

@@ -13,7 +13,7 @@ full tokens. This module owns the model side of that:
   bert tokenizer. ``text_cfg.tokenizer_kwargs.reduction_mask = "syntax"`` is CLIPA's best text mask.
 * ``build_stage_model()`` / ``apply_image_tokens()``: the image side of a stage (resize via ``force_image_size``, and a
   ``TokenMask`` in place of the ViT's ``patch_dropout``).
-* ``switch_stage()`` / ``switch_to_full_tokens()``: the stage-1 -> stage-2 switch (weights carried, positional
+* ``switch_stage()``: the stage-1 -> stage-2 switch (weights carried, positional
   embedding resized with open_clip's ``resize_pos_embed``). Objective/optimizer state is the trainer's business.
 * ``token_counts()``: (image tokens, text tokens) of a stage, for the token-count ratio of a benchmark.
 
@@ -25,14 +25,15 @@ reduction_mask=...)``). open_clip's ``CLIP.encode_text`` only takes full-context
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping, get_args
 
 import torch
 from torch import nn
 
 from components.common.open_clip_models import model_config, resolve_model_name
+from components.common.recipe import ImageMask
 
-MaskMode = Literal["none", "random", "grid", "block"]
+MaskMode = ImageMask
 
 
 # -------------------------------------------------------------------------------------------------------------- configs
@@ -97,7 +98,7 @@ class TokenMask(nn.Module):
 
     def __init__(self, mode: MaskMode, grid: tuple[int, int], keep: float = 1.0, exclude_first_token: bool = True):
         super().__init__()
-        if mode not in ("none", "random", "grid", "block"):
+        if mode not in get_args(ImageMask):
             raise ValueError(f"unknown image mask {mode!r}")
         if mode in ("random", "block") and not 0.0 < keep < 1.0:
             raise ValueError(f"mask {mode!r} needs 0 < keep < 1, got {keep}")
@@ -226,19 +227,6 @@ def switch_stage(
     for name, p in new.named_parameters():
         p.requires_grad_(name not in frozen)  # e.g. a constant temperature stays constant
     return new.to(device=ref.device, dtype=ref.dtype) if "precision" not in create_kwargs else new
-
-
-def switch_to_full_tokens(
-    model_stage1: nn.Module, model: str | Mapping[str, Any] | Any, stage2_image_size: int | None = None, **kw: Any
-) -> nn.Module:
-    """Stage 1 -> stage 2 at full tokens (no mask) and ``stage2_image_size`` (None: the config's native size)."""
-
-    class _Full:
-        size = stage2_image_size
-        mask = "none"
-        keep = 1.0
-
-    return switch_stage(model_stage1, model, _Full(), **kw)
 
 
 # --------------------------------------------------------------------------------------------------------- token counts

@@ -39,7 +39,7 @@ import random
 import tarfile
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, get_args
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -53,7 +53,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from components.common import datasets, store
 from components.common.manifest import read_manifest
-from components.common.recipe import Recipe, Stage
+from components.common.recipe import Recipe, Stage, TextMask
 
 # Preprocess owns the syntax mask's word selection (it stored the POS ranks); reusing it keeps both sides in step.
 from components.preprocess.syntax_mask import syntax_masked_text
@@ -61,7 +61,7 @@ from components.train.distributed import World
 
 log = logging.getLogger(__name__)
 
-TEXT_MASKS = ("truncate", "random", "block", "syntax")
+TEXT_MASKS = get_args(TextMask)
 # open_clip's name for each CLIPA text mask (SimpleTokenizer's reduction_mask). Truncate and syntax use the plain
 # tokenizer: syntax picks its words first (from the POS ranks preprocess stored) and then truncates like open_clip.
 _REDUCTION_MASK = {"truncate": "", "random": "random", "block": "simple", "syntax": ""}

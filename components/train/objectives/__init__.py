@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
-from components.common.recipe import ObjectiveSpec
+from typing import get_args
+
+from components.common.recipe import ObjectiveName, ObjectiveSpec
 from components.train.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 
 __all__ = ["NAMES", "Objective", "ObjectiveContext", "ObjectiveOutput", "build_objective"]
 
-NAMES = ("clip", "siglip", "fastclip", "amorlip")
+NAMES = get_args(ObjectiveName)
 
 
 def build_objective(spec: ObjectiveSpec, context: ObjectiveContext) -> Objective:

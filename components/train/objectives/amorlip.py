@@ -66,10 +66,9 @@ from torch import nn
 
 from components.common.recipe import AmorLipSettings
 from components.train.distributed import all_gather_with_grad, all_reduce_mean
-from components.train.objectives.base import Objective, ObjectiveContext, ObjectiveOutput, fp32_logits
+from components.train.objectives.base import Objective, ObjectiveContext, ObjectiveOutput, fp32_logits, step_thresh_lr
 
 MAX_LOG_RATIO = 30.0  # cap on log(Zhat / lambda) in the divergence losses; see the module docstring
-TAU_THRESHOLD = 0.03  # step_thresh: the temperature's lr drops to a third once tau <= this
 
 
 class LambdaNetworks(nn.Module):
@@ -195,8 +194,7 @@ class AmorLipObjective(Objective):
             model.logit_scale.fill_(math.log(1.0 / self.settings.temperature_init))
 
     def _temperature_lr(self, model: nn.Module) -> float:
-        tau = math.exp(-model.logit_scale.item())
-        return self.settings.lr_tau if tau > TAU_THRESHOLD else self.settings.lr_tau / 3.0
+        return step_thresh_lr(self.settings.lr_tau, model)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         return [{"params": [model.logit_scale], "lr": self._temperature_lr(model), "weight_decay": 0.0,

@@ -94,6 +94,17 @@ def clamp_logit_scale(model: nn.Module) -> None:
         model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
 
+# FastCLIP-v3's and AmorLIP's "step_thresh" rule: the temperature's lr drops to a third once tau <= this.
+TAU_THRESHOLD = 0.03
+
+
+def step_thresh_lr(lr_tau: float, model: nn.Module) -> float:
+    """lr_tau while the model's temperature is above TAU_THRESHOLD, lr_tau / 3 from then on (both references check
+    it after every optimizer step)."""
+    tau = math.exp(-model.logit_scale.item())
+    return lr_tau if tau > TAU_THRESHOLD else lr_tau / 3
+
+
 @contextlib.contextmanager
 def fp32_logits(device: torch.device) -> Iterator[None]:
     """Compute logits in fp32 even inside an autocast region: at s = 100, bf16 rounding alone moves a logit by ~0.4.

@@ -61,12 +61,12 @@ from components.train.objectives.base import (
     ObjectiveOutput,
     clamp_logit_scale,
     fp32_logits,
+    step_thresh_lr,
 )
 from components.train.objectives.sample_tables import SampleTables, node_table_bytes
 
 TAU_MIN, TAU_MAX = 0.01, 1.0  # v2's per-sample bounds: the same range as the global versions' clamp of theta
 TAU_GRAD_CLIP = 5.0  # v2: the per-sample temperature gradient is clipped to [-5, 5]
-TAU_THRESHOLD = 0.03  # v3: the temperature's lr is lr_tau / 3 once tau <= this
 UNSEEN_LOG_U = math.log(1e-35)  # an old estimate below this (never written: -inf; inf; NaN) is replaced by ghat
 TEMPERATURE_GROUP = "temperature"
 LOG_U = ("log_u_image", "log_u_text")
@@ -142,8 +142,7 @@ class FastClipObjective(Objective):
         return [{**group, "lr": self._v3_lr(model), "managed": True}]
 
     def _v3_lr(self, model: nn.Module) -> float:
-        tau = math.exp(-model.logit_scale.item())
-        return self.lr_tau if tau > TAU_THRESHOLD else self.lr_tau / 3
+        return step_thresh_lr(self.lr_tau, model)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch

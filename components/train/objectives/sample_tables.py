@@ -67,10 +67,6 @@ class SampleTables:
         if world.local_rank == 0:
             os.unlink(self.path)
 
-    @property
-    def bytes_per_sample(self) -> int:
-        return len(self.columns) * BYTES_PER_VALUE
-
     def read(self, indices: torch.Tensor) -> torch.Tensor:
         """The rows of ``indices`` (B x columns), a copy.
 

@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from components.train import cli as train_cli
 
     for stage in (ingest_cli, preprocess_cli, train_cli, evaluate_cli):
-        stage.register(sub)
+        command = sub.add_parser(stage.NAME, help=stage.HELP, description=stage.DESCRIPTION)
+        stage.add_arguments(command)
+        command.set_defaults(func=stage.run)
 
     run = sub.add_parser(
         "run", help="run the whole pipeline locally with an embedded S3 store",

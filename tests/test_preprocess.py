@@ -220,15 +220,16 @@ def test_cli_runs_the_stage(tmp_path, capsys):
     prefix = (tmp_path / "store").as_uri()
     raw = _raw_dataset(prefix, tmp_path, shards=(SHARD_B,))
     parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
+    cli.add_arguments(parser)
+    parser.set_defaults(func=cli.run)
     out = store.join(prefix, "train")
-    args = parser.parse_args(["preprocess", "--raw-manifest", raw, "--output", out, "--resolution", "16",
+    args = parser.parse_args(["--raw-manifest", raw, "--output", out, "--resolution", "16",
                               "--resolution", "24", "--shard-size", "3", "--processes", "1"])
     assert args.func(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == {"manifest": store.join(out, "manifest.json"), "num_samples": 4, "shards": 2,
                        "rejected": {**{reason: 0 for reason in REJECTED}, "missing_image": 1}}
-    bad = parser.parse_args(["preprocess", "--raw-manifest", raw, "--output", store.join(prefix, "other"),
+    bad = parser.parse_args(["--raw-manifest", raw, "--output", store.join(prefix, "other"),
                              "--max-reject-fraction", "0.1", "--processes", "1"])
     assert bad.func(bad) == 1  # the stage ran and failed on its input (exit-code rule in pipelines/cli.py)
     assert "max_reject_fraction" in capsys.readouterr().err

@@ -16,20 +16,15 @@ import sys
 
 from components.common import store
 
-
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``clipline evaluate``: its help, arguments and handler."""
-    p = subparsers.add_parser(
-        "evaluate", help="zero-shot classification and retrieval of a model, with metrics.json",
-        description="Evaluate an open_clip model (a config name, an inline JSON config or a .json file, plus a "
-                    "checkpoint, ours or open_clip_train's) on datasets in CLIP_benchmark's webdataset layout: "
-                    "zero-shot classification (acc1, acc5, mean per-class recall) and retrieval (recall@1/5/10), "
-                    "as CLIP_benchmark defines them. --write-datasets builds such datasets from the offline demo "
-                    "sources (Animal-MNIST, emoji groups and names, openclipart categories).",
-    )
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+# The subcommand, as pipelines/cli.py registers every stage: NAME, HELP, DESCRIPTION, add_arguments, run.
+NAME = "evaluate"
+HELP = "zero-shot classification and retrieval of a model, with metrics.json"
+DESCRIPTION = (
+    "Evaluate an open_clip model (a config name, an inline JSON config or a .json file, plus a "
+    "checkpoint, ours or open_clip_train's) on datasets in CLIP_benchmark's webdataset layout: "
+    "zero-shot classification (acc1, acc5, mean per-class recall) and retrieval (recall@1/5/10), "
+    "as CLIP_benchmark defines them. --write-datasets builds such datasets from the offline demo "
+    "sources (Animal-MNIST, emoji groups and names, openclipart categories).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,18 +33,14 @@ _OPTION_FLAGS = {
 }  # fmt: skip
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``clipline ingest``: its help, arguments and handler."""
-    p = subparsers.add_parser(
-        "ingest", help="download a URL list with img2dataset into webdataset shards in the object store",
-        description="Download a URL list (parquet, csv, tsv or jsonl; local or s3://) with img2dataset into "
-                    "webdataset shards under <output>/shards/, uploaded as each completes, and commit a manifest "
-                    "with success and failure counts by reason. --demo builds the list from real images installed "
-                    "offline (emoji, openclipart, Animal-MNIST), serves it on 127.0.0.1 and holds out a split.",
-    )
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+# The subcommand, as pipelines/cli.py registers every stage: NAME, HELP, DESCRIPTION, add_arguments, run.
+NAME = "ingest"
+HELP = "download a URL list with img2dataset into webdataset shards in the object store"
+DESCRIPTION = (
+    "Download a URL list (parquet, csv, tsv or jsonl; local or s3://) with img2dataset into "
+    "webdataset shards under <output>/shards/, uploaded as each completes, and commit a manifest "
+    "with success and failure counts by reason. --demo builds the list from real images installed "
+    "offline (emoji, openclipart, Animal-MNIST), serves it on 127.0.0.1 and holds out a split.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,18 +18,14 @@ _OPTION_FIELDS = ("resolutions", "shard_size", "min_shards", "min_image_side", "
                   "processes")
 
 
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``clipline preprocess``: its help, arguments and handler."""
-    p = subparsers.add_parser(
-        "preprocess", help="filter, densely index, resize and re-shard raw shards for training",
-        description="Read the raw img2dataset shards of a RAW_SHARDS manifest and write training shards: rejected "
-                    "samples dropped and counted, dense indices 0..N-1, images pre-resized at every resolution, "
-                    "caption POS orders for the syntax mask, balanced shards, sizes.json, and a TRAIN_SHARDS "
-                    "manifest at <output>/manifest.json, written last. A rerun continues a crashed run.",
-    )
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+# The subcommand, as pipelines/cli.py registers every stage: NAME, HELP, DESCRIPTION, add_arguments, run.
+NAME = "preprocess"
+HELP = "filter, densely index, resize and re-shard raw shards for training"
+DESCRIPTION = (
+    "Read the raw img2dataset shards of a RAW_SHARDS manifest and write training shards: rejected "
+    "samples dropped and counted, dense indices 0..N-1, images pre-resized at every resolution, "
+    "caption POS orders for the syntax mask, balanced shards, sizes.json, and a TRAIN_SHARDS "
+    "manifest at <output>/manifest.json, written last. A rerun continues a crashed run.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

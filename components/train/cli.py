@@ -11,19 +11,14 @@ import os
 import subprocess
 import sys
 
-
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``clipline train``: its help, arguments and handler."""
-    p = subparsers.add_parser(
-        "train", help="train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun",
-        description="Check the recipe against the job (batch divisible by the ranks, text lengths within the "
-                    "model's context, ...), then run torchrun with --nproc-per-node training processes on this "
-                    "machine: CLIPA stages in order, checkpoints under --output (resumed with --resume auto), "
-                    "log.jsonl, TensorBoard scalars, metrics.json and the exported open_clip model.",
-    )
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+# The subcommand, as pipelines/cli.py registers every stage: NAME, HELP, DESCRIPTION, add_arguments, run.
+NAME = "train"
+HELP = "train a CLIP model (CLIPA stages; clip, siglip, fastclip or amorlip objective) with torchrun"
+DESCRIPTION = (
+    "Check the recipe against the job (batch divisible by the ranks, text lengths within the "
+    "model's context, ...), then run torchrun with --nproc-per-node training processes on this "
+    "machine: CLIPA stages in order, checkpoints under --output (resumed with --resume auto), "
+    "log.jsonl, TensorBoard scalars, metrics.json and the exported open_clip model.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

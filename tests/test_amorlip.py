@@ -1,4 +1,4 @@
-"""AmorLIP against direct float64 implementations of objectives.md B.4-B.6; schedules; numerics; checkpoints.
+"""AmorLIP against direct float64 implementations of docs/objectives.md B.4-B.6; schedules; numerics; checkpoints.
 
 The world-size equivalence (1 vs 2 vs 4 ranks) is in test_objectives_distributed.py."""
 

@@ -1,4 +1,5 @@
-"""FastCLIP against direct linear-space float64 implementations of objectives.md A.3; numerics, checkpoints, sharing.
+"""FastCLIP against direct linear-space float64 implementations of docs/objectives.md A.3; numerics, checkpoints,
+sharing.
 
 The reference formulas below are written out independently of components/train/objectives/fastclip.py (no log
 space, no masking tricks), so an error in the objective's algebra cannot cancel out.

@@ -2,7 +2,7 @@
 
 A recipe is a YAML file under ``configs/`` (see ``configs/demo.yaml``); ``load_recipe`` turns it into the frozen,
 validated ``Recipe`` below. Preprocess reads it for resolutions and text lengths, train for everything else, evaluate
-for the model. Defaults follow ``shared/specs/objectives.md`` (FastCLIP's and AmorLIP's released code) and CLIPA's
+for the model. Defaults follow ``docs/objectives.md`` (FastCLIP's and AmorLIP's released code) and CLIPA's
 recipe (lr = base_lr x global batch / 256; betas 0.9/0.95; weight decay 0.2).
 """
 
@@ -66,7 +66,7 @@ class FastClipSettings(Config):
     temperature_init: float = Field(0.07, ge=0.01, le=1.0)
     lr_tau: float | None = Field(None, gt=0.0)  # None: the model's lr, as in the reference code
     # "code" reproduces the released implementation's temperature gradient (the published rho values were tuned with
-    # it); "paper" uses the gradient of the objective as written in the paper. See objectives.md A.3 item 6.
+    # it); "paper" uses the gradient of the objective as written in the paper. See docs/objectives.md A.3 item 6.
     tau_gradient: Literal["code", "paper"] = "code"
 
 

@@ -1,6 +1,6 @@
 """AmorLIP (Sun et al. 2025): a small network per modality amortises each anchor's partition function.
 
-Every training step runs two stages on the batch (objectives.md B.7, the README configuration with ``--fit_w_prev``
+Every training step runs two stages on the batch (docs/objectives.md B.7, the README configuration with ``--fit_w_prev``
 and ``--calculate_full``):
 
 Stage I (amortisation). For each anchor, the exact weighted partition sum over the *global* batch,

@@ -6,7 +6,7 @@ The global contrastive loss GCL = tau/n sum_i [log(eps + g1(i)) + log(eps + g2(i
 per-sample table u tracks g, u_i <- (1 - gamma) u_i + gamma ghat_i with ghat the mini-batch estimate over the global
 batch (positive excluded), and the encoder follows the gradient of ghat_i / (u_i + eps) with the *updated* u.
 
-Versions (objectives.md A.2, A.3):
+Versions (docs/objectives.md A.2, A.3):
     v0  GCL, one learnable temperature: theta = model.logit_scale in its own group, trainer's cosine schedule.
     v1  GCL, constant temperature: theta frozen at ln(1 / temperature_init).
     v2  RGCL, a learnable temperature per sample and modality, updated here by a per-sample Adam; theta unused.

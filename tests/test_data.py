@@ -13,9 +13,9 @@ from PIL import Image
 from train_shards import write_train_shards
 
 from components.common.recipe import parse_recipe
-from components.preprocess.syntax_mask import syntax_masked_text
 from components.train.data import Batch, DataError, stage_loader, train_loader
 from components.train.distributed import World
+from components.train.text_masks import syntax_masked_text
 
 SHARDS, PER_SHARD, RESOLUTIONS = 3, 20, (16, 32)
 N = SHARDS * PER_SHARD

@@ -28,7 +28,6 @@ at most one virtual epoch of reading and decoding, split over the workers, and n
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import io
 import itertools
@@ -39,7 +38,7 @@ import random
 import tarfile
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, Callable, Iterator, Sequence, get_args
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -53,18 +52,12 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from components.common import datasets, store
 from components.common.manifest import read_manifest
-from components.common.recipe import Recipe, Stage, TextMask
-
-# Preprocess owns the syntax mask's word selection (it stored the POS ranks); reusing it keeps both sides in step.
-from components.preprocess.syntax_mask import syntax_masked_text
+from components.common.recipe import Recipe, Stage
 from components.train.distributed import World
+from components.train.text_masks import TEXT_MASKS, text_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
-TEXT_MASKS = get_args(TextMask)
-# open_clip's name for each CLIPA text mask (SimpleTokenizer's reduction_mask). Truncate and syntax use the plain
-# tokenizer: syntax picks its words first (from the POS ranks preprocess stored) and then truncates like open_clip.
-_REDUCTION_MASK = {"truncate": "", "random": "random", "block": "simple", "syntax": ""}
 # A worker judges the corrupt fraction only after this many samples, so one bad sample early on is not fatal;
 # the main process judges the whole epoch's fraction at its end, however small the epoch.
 _MIN_SAMPLES_FOR_RATE = 200
@@ -186,49 +179,6 @@ def _split_samples(shards: Sequence[Shard], lengths: Sequence[int]) -> list[list
             i += 1
         runs.append(pieces)
     return runs
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text masks
-
-
-@contextlib.contextmanager
-def _seeded_global_rngs(seed: int) -> Iterator[None]:
-    """open_clip's masks draw from the global RNGs (``torch.randperm``, ``random.randint``): seed them for one call
-    and restore them afterwards, so the trainer's own random streams are untouched when workers=0."""
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA as well
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-
-
-def tokenize(
-    tokenizer: SimpleTokenizer,
-    mask: str,
-    texts: Sequence[str],
-    words: Sequence[Sequence[str]],
-    pos_order: Sequence[Sequence[int]],
-    seed: int,
-) -> torch.Tensor:
-    """Token ids (len(texts), tokenizer.context_length) under one of CLIPA's text masks, seeded by ``seed``.
-
-    ``tokenizer`` must be ``text_tokenizer(mask, length)``. The syntax mask ignores ``texts`` and rebuilds each
-    caption from its stored words and POS ranks, then truncates exactly as open_clip's ``syntax_mask_tokenize``.
-    """
-    if mask == "syntax":
-        texts = [syntax_masked_text(w, p, tokenizer.context_length) for w, p in zip(words, pos_order)]
-    with _seeded_global_rngs(seed):
-        return tokenizer(list(texts))
-
-
-def text_tokenizer(mask: str, length: int) -> SimpleTokenizer:
-    if mask not in TEXT_MASKS:
-        raise ValueError(f"unknown text mask {mask!r}; expected one of {', '.join(TEXT_MASKS)}")
-    return SimpleTokenizer(context_length=length, reduction_mask=_REDUCTION_MASK[mask])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,18 +49,24 @@ class Refused(urllib.error.URLError):
         self.kind = kind
 
 
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+
+
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise ValueError(f"allow_networks: {cidr!r} is not a CIDR (e.g. 10.20.0.0/16 or 192.0.2.7/32)") from None
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     allow_networks: tuple[str, ...] = ()  # CIDRs fetched from even though they are not public
-    max_bytes: int = 32 * 1024 * 1024
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
-        for cidr in self.allow_networks:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"allow_networks: {cidr!r} is not a CIDR (e.g. 10.20.0.0/16 or 192.0.2.7/32)") \
-                    from None
+        # parsed once: every request of every worker checks its addresses against them
+        object.__setattr__(self, "_networks", tuple(_network(c) for c in self.allow_networks))
         if self.max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
 
@@ -72,12 +78,9 @@ class EgressPolicy:
         doc = json.loads(text)
         return cls(tuple(doc["allow_networks"]), int(doc["max_bytes"]))
 
-    def _allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        return [ipaddress.ip_network(c, strict=False) for c in self.allow_networks]
-
     def address_allowed(self, address: Address) -> bool:
         judged = _embedded_ipv4(address) or address
-        if any(judged in net or address in net for net in self._allowed_networks()):
+        if any(judged in net or address in net for net in self._networks):
             return True
         return judged.is_global and not judged.is_multicast
 
@@ -253,11 +256,7 @@ def networks(items: Iterable[str]) -> tuple[str, ...]:
     out: list[str] = []
     for item in items:
         for cidr in filter(None, (part.strip() for part in item.split(","))):
-            try:
-                text = str(ipaddress.ip_network(cidr, strict=False))
-            except ValueError:
-                raise ValueError(f"allow_networks: {cidr!r} is not a CIDR (e.g. 10.20.0.0/16 or 192.0.2.7/32)") \
-                    from None
+            text = str(_network(cidr))
             if text not in out:
                 out.append(text)
     return tuple(out)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from components.common.config import Config
+from components.ingest.egress import DEFAULT_MAX_BYTES, networks
 
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl"]
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
@@ -14,7 +15,7 @@ ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "b
 # Pillow's default decompression-bomb limit (about 9,459 px squared): large enough for any real photo, small enough
 # that a tiny PNG claiming 20,000 x 20,000 pixels is refused before its 1.2 GB of pixels are allocated.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_IMAGE_BYTES = DEFAULT_MAX_BYTES  # egress.py's cap, the one the download guard enforces
 
 
 class IngestOptions(Config):
@@ -54,7 +55,5 @@ class IngestOptions(Config):
     @field_validator("allow_networks", mode="before")
     @classmethod
     def _cidrs(cls, value: object) -> tuple[str, ...]:
-        from components.ingest.egress import networks
-
         items = [value] if isinstance(value, str) else list(value or ())
         return networks(str(item) for item in items)

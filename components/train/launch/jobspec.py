@@ -62,8 +62,9 @@ class PodResources:
         return out
 
 
-# Per GPU on a GPU node: about what an 8-GPU node offers (6 cores feed one GPU's loader workers at CLIP image
-# sizes; /dev/shm holds their prefetched batches). Per process on a CPU node: what the CPU recipes use.
+# Sizing defaults, not measurements: per GPU, a share of a typical 8-GPU node (48 cores, 384 GiB, 64 GiB /dev/shm
+# for the loader workers' prefetched batches); per process on a CPU node, what the CPU recipes use. Override them
+# (cpu/memory/shm_size) to fit your nodes.
 PER_GPU = {"cpu": 6, "memory_gi": 48, "shm_gi": 8}
 PER_CPU_PROCESS = {"cpu": 2, "memory_gi": 4, "shm_gi": 1}
 EPHEMERAL_GI = 50

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -66,3 +67,31 @@ def model_config(model: str | Mapping[str, Any] | Any) -> dict[str, Any]:
     if config is None:
         raise ValueError(f"{name!r} is not an open_clip model config")
     return config
+
+
+# open_clip's text towers default to 77 tokens when a config leaves text_cfg.context_length out (CLIPTextCfg).
+DEFAULT_CONTEXT_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class TowerSizes:
+    """The sizes an open_clip config builds its towers at: what "full tokens" means for that model."""
+
+    image_size: int  # image side (configs give an int or a [h, w] pair; clipline trains square images)
+    patch_size: int
+    context_length: int
+    embed_dim: int
+
+
+def tower_sizes(config: Mapping[str, Any]) -> TowerSizes:
+    vision, text = config["vision_cfg"], config["text_cfg"]
+
+    def side(value: int | list[int] | tuple[int, ...]) -> int:
+        return value if isinstance(value, int) else int(value[0])
+
+    return TowerSizes(
+        image_size=side(vision["image_size"]),
+        patch_size=side(vision.get("patch_size", 1)),
+        context_length=int(text.get("context_length", DEFAULT_CONTEXT_LENGTH)),
+        embed_dim=int(config["embed_dim"]),
+    )

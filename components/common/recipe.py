@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from components.common.config import Config, load_yaml, parse_yaml
+from components.common.open_clip_models import model_config, tower_sizes
 
 # The names a recipe may use; the code that dispatches on them derives its lists from these (typing.get_args).
 ObjectiveName = Literal["clip", "siglip", "fastclip", "amorlip"]
@@ -39,14 +40,11 @@ class ModelSpec(Config):
         """The image side the model is built for (the finetune stage's default)."""
         config = self.config
         if config is None:
-            from components.common.open_clip_models import model_config  # imports open_clip: only when needed
-
             try:
                 config = model_config(self.name)
             except ValueError:
                 raise ValueError(f"model.name: {self.name!r} is not an open_clip model config") from None
-        size = config["vision_cfg"]["image_size"]
-        return size if isinstance(size, int) else size[0]
+        return tower_sizes(config).image_size
 
 
 class SigLipSettings(Config):
@@ -138,6 +136,13 @@ class Stage(Config):
     image: ImageTokens = ImageTokens()
     text: TextTokens = TextTokens()
 
+    # The one place the rule "a stage's own size, or else the model's" is written; StagePlan holds the results.
+    def image_size(self, native: int) -> int:
+        return self.image.size or native
+
+    def text_length(self, context_length: int) -> int:
+        return self.text.length or context_length
+
 
 class OptimizerSpec(Config):
     name: Literal["adamw", "lamb"] = "adamw"
@@ -200,7 +205,7 @@ class Recipe(Config):
     def resolutions(self) -> tuple[int, ...]:
         """Every image side some stage trains at: what preprocess stores per sample."""
         native = self.model.native_image_size()
-        return tuple(sorted({stage.image.size or native for stage in self.stages}))
+        return tuple(sorted({stage.image_size(native) for stage in self.stages}))
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -30,17 +30,10 @@ from typing import Any, Mapping, get_args
 import torch
 from torch import nn
 
-from components.common.open_clip_models import model_config, resolve_model_name
-from components.common.recipe import ImageMask
+from components.common.open_clip_models import model_config, resolve_model_name, tower_sizes
+from components.common.recipe import ImageMask, ImageTokens, Stage
 
 MaskMode = ImageMask
-
-
-# -------------------------------------------------------------------------------------------------------------- configs
-
-
-def _side(value: int | list[int] | tuple[int, ...]) -> int:
-    return value if isinstance(value, int) else int(value[0])
 
 
 # ---------------------------------------------------------------------------------------------------------- image masks
@@ -166,22 +159,21 @@ def _grid_size(model: nn.Module) -> tuple[int, int]:
     return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
 
 
-def apply_image_tokens(model: nn.Module, image: Any) -> nn.Module:
+def apply_image_tokens(model: nn.Module, image: ImageTokens) -> nn.Module:
     """Set the image mask of ``image`` (an ImageTokens: mask, keep) on a built model, in place.
 
     The size must already be the model's (``build_stage_model`` does both). ``mask: none`` restores the identity.
     """
-    mode = getattr(image, "mask", "none")
-    keep = getattr(image, "keep", 1.0)
-    if mode == "none":
+    if image.mask == "none":
         if hasattr(getattr(model, "visual", None), "patch_dropout"):
             model.visual.patch_dropout = nn.Identity()
         return model
-    model.visual.patch_dropout = TokenMask(mode, _grid_size(model), keep)
+    model.visual.patch_dropout = TokenMask(image.mask, _grid_size(model), image.keep)
     return model
 
 
-def build_stage_model(model: str | Mapping[str, Any] | Any, image: Any = None, **create_kwargs: Any) -> nn.Module:
+def build_stage_model(model: str | Mapping[str, Any] | Any, image: ImageTokens | None = None,
+                      **create_kwargs: Any) -> nn.Module:
     """An open_clip model for a stage: built at the stage's image size with its image mask.
 
     ``model``: a config name, an inline config dict or a ModelSpec. ``image``: the stage's ImageTokens (None: full
@@ -192,9 +184,8 @@ def build_stage_model(model: str | Mapping[str, Any] | Any, image: Any = None, *
     import open_clip
 
     name = resolve_model_name(model)
-    size = getattr(image, "size", None) if image is not None else None
-    if size is not None:
-        create_kwargs["force_image_size"] = size
+    if image is not None and image.size is not None:
+        create_kwargs["force_image_size"] = image.size
     built = allow_short_text(open_clip.create_model(name, **create_kwargs))
     if image is not None:
         apply_image_tokens(built, image)
@@ -204,7 +195,7 @@ def build_stage_model(model: str | Mapping[str, Any] | Any, image: Any = None, *
 def switch_stage(
     model_prev: nn.Module,
     model: str | Mapping[str, Any] | Any,
-    image: Any = None,
+    image: ImageTokens | None = None,
     **create_kwargs: Any,
 ) -> nn.Module:
     """A model for the next stage carrying every weight of ``model_prev``.
@@ -232,22 +223,19 @@ def switch_stage(
 # --------------------------------------------------------------------------------------------------------- token counts
 
 
-def token_counts(model_cfg: str | Mapping[str, Any] | Any, stage: Any) -> tuple[int, int]:
+def token_counts(model_cfg: str | Mapping[str, Any] | Any, stage: Stage) -> tuple[int, int]:
     """(image tokens, text tokens) a stage feeds the towers per sample.
 
     Image tokens are patch tokens (the class token not counted), after the mask: (size / patch)^2 at the stage's size,
     reduced by the mask. Text tokens are the stage's text length (None = the config's context length).
-    ``model_cfg``: an open_clip config dict, a config name or a ModelSpec. ``stage``: a recipe Stage.
+    ``model_cfg``: an open_clip config dict, a config name or a ModelSpec.
     """
     cfg = model_cfg if isinstance(model_cfg, Mapping) and "vision_cfg" in model_cfg else model_config(model_cfg)
-    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
-    image = stage.image
-    size = image.size or _side(vision["image_size"])
-    patch = _side(vision["patch_size"])
-    grid = (size // patch, size // patch)
-    image_tokens = mask_keep_count(image.mask, grid, image.keep)
-    text_tokens = stage.text.length or int(text.get("context_length", 77))
-    return image_tokens, min(text_tokens, int(text.get("context_length", 77)))
+    sizes = tower_sizes(cfg)
+    side = stage.image_size(sizes.image_size)
+    grid = (side // sizes.patch_size, side // sizes.patch_size)
+    image_tokens = mask_keep_count(stage.image.mask, grid, stage.image.keep)
+    return image_tokens, min(stage.text_length(sizes.context_length), sizes.context_length)
 
 
 # ----------------------------------------------------------------------------------------------------------- short text

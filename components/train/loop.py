@@ -67,6 +67,30 @@ class Trained:
     metrics: dict[str, Any]  # also in <output>/metrics.json
 
 
+@dataclass(frozen=True)
+class Run:
+    """What every stage of one run shares: built once in ``train``, read by everything below it."""
+
+    recipe: Recipe
+    options: RunOptions
+    plan: TrainPlan
+    sizes: ModelSizes
+    world: World
+    device: torch.device
+    objective: Objective  # with its u tables or lambda networks: lives across the stages
+    progress: TrainLog | None  # rank 0 only
+
+
+@dataclass
+class StageState:
+    """One stage in progress: what a checkpoint saves besides the objective."""
+
+    plan: StagePlan
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int  # optimizer steps done in this stage
+
+
 def train(recipe: Recipe, options: RunOptions, world: World, device: torch.device) -> Trained:
     """Run (or finish) the recipe's stages, export the model, and return it with the run's metrics."""
     sizes = check_recipe(recipe, world.size)
@@ -77,7 +101,7 @@ def train(recipe: Recipe, options: RunOptions, world: World, device: torch.devic
         torch.use_deterministic_algorithms(True)
     manifest = read_manifest(options.data, datasets.TRAIN_SHARDS)
     epoch_samples = recipe.data.epoch_samples or int(manifest["num_samples"])
-    plan = train_plan(recipe, epoch_samples // recipe.batch_size)
+    plan = train_plan(recipe, sizes, epoch_samples // recipe.batch_size)
     recipe_doc = recipe.model_dump(mode="json")
 
     state = _checkpoint_to_resume(options, recipe_doc)
@@ -99,24 +123,21 @@ def train(recipe: Recipe, options: RunOptions, world: World, device: torch.devic
     )).to(device)
     if state:
         objective.load_state_dict(state["objective"])
+    run = Run(recipe, options, plan, sizes, world, device, objective, progress)
 
     model: nn.Module | None = None
     stage_metrics = []
     for stage_plan in plan.stages[position.stage:]:
-        resuming_here = state is not None and stage_plan.index == position.stage
-        model = _stage_model(recipe, sizes, stage_plan, model, objective, device,
-                             state["model"] if resuming_here else None)
-        first_step = position.step if resuming_here else 0
-        stage_metrics.append(_run_stage(recipe, options, plan, stage_plan, model, objective, world, device, sizes,
-                                        progress, first_step, state if resuming_here else None))
+        saved = state if state is not None and stage_plan.index == position.stage else None
+        model = _stage_model(run, stage_plan, model, saved["model"] if saved else None)
+        stage_metrics.append(_run_stage(run, stage_plan, model, saved, position.step if saved else 0))
         state = None  # only the stage it was saved in resumes from it
 
     assert model is not None
-    metrics = _summary(recipe, plan, stage_metrics, world)
-    if world.rank == 0:
-        final_size = plan.stages[-1].stage.image.size or sizes.image_size
+    metrics = _summary(run, stage_metrics)
+    if progress:
         metrics["model_manifest"] = manifest_uri(options.output)
-        export_model(options.output, model, export_config(sizes.config, final_size),
+        export_model(options.output, model, export_config(sizes.config, plan.stages[-1].image_size),
                      {"recipe": recipe_doc, "metrics": metrics})
         write_metrics(options.output, metrics)
         progress.event(plan.total_steps, "exported", model=metrics["model_manifest"])
@@ -157,66 +178,60 @@ def _run_id(output: str) -> str:
 # ---------------------------------------------------------------------------------------------------------- stages
 
 
-def _stage_model(recipe: Recipe, sizes: ModelSizes, stage_plan: StagePlan, previous: nn.Module | None,
-                 objective: Objective, device: torch.device, saved: dict | None) -> nn.Module:
+def _stage_model(run: Run, stage_plan: StagePlan, previous: nn.Module | None, saved: dict | None) -> nn.Module:
     """The model for a stage: fresh (first stage), carried over from the previous stage, or from a checkpoint."""
     image = stage_plan.stage.image
     if previous is not None:
-        model = switch_stage(previous, sizes.config, image, output_dict=True)
+        model = switch_stage(previous, run.sizes.config, image, output_dict=True)
     else:
-        model = _first_model(recipe, sizes, image, objective, device, saved)
-    if recipe.grad_checkpointing:
+        # Every rank builds the same initial weights (DDP would broadcast rank 0's anyway; this keeps one process
+        # equal).
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            torch.manual_seed(run.recipe.seed)
+            model = build_stage_model(run.sizes.config, image, device=run.device, output_dict=True)
+        run.objective.init_model(model)
+        if saved is not None:
+            model.load_state_dict(saved)
+    if run.recipe.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
 
 
-def _first_model(recipe: Recipe, sizes: ModelSizes, image: Any, objective: Objective, device: torch.device,
-                 saved: dict | None) -> nn.Module:
-    # Every rank builds the same initial weights (DDP would broadcast rank 0's anyway; this keeps one process equal).
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(recipe.seed)
-        model = build_stage_model(sizes.config, image, device=device, output_dict=True)
-    objective.init_model(model)
-    if saved is not None:
-        model.load_state_dict(saved)
-    return model
-
-
-def _run_stage(recipe: Recipe, options: RunOptions, plan: TrainPlan, stage_plan: StagePlan, model: nn.Module,
-               objective: Objective, world: World, device: torch.device, sizes: ModelSizes,
-               progress: TrainLog | None, first_step: int, state: dict | None) -> dict[str, Any]:
+def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | None,
+               first_step: int) -> dict[str, Any]:
+    recipe, plan, world, device, objective = run.recipe, run.plan, run.world, run.device, run.objective
     stage = stage_plan.stage
     optimizer = build_optimizer(model, objective, recipe.lr(stage), recipe.optimizer)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world.size > 1 else model
     forward = torch.compile(ddp) if recipe.compile else ddp
-    loader = stage_loader(options.data, recipe, stage, world=world, model_image_size=sizes.image_size,
-                          model_context_length=sizes.context_length)
+    loader = stage_loader(run.options.data, recipe, stage, world=world, model_image_size=stage_plan.image_size,
+                          model_context_length=stage_plan.text_length)
     if loader.steps_per_epoch != plan.steps_per_epoch:
         raise TrainingError(f"loader has {loader.steps_per_epoch} steps per epoch, the plan {plan.steps_per_epoch}")
-    if state is not None:
-        _restore_rng(state, world)
-    if progress and first_step == 0:
-        image_tokens, text_tokens = token_counts(sizes.config, stage)
-        progress.event(plan.global_step(stage_plan.index, 0), "stage_start", stage=stage.name,
-                       steps=stage_plan.steps, image_tokens=image_tokens, text_tokens=text_tokens,
-                       lr=recipe.lr(stage))
+    if saved is not None:
+        _restore_rng(saved, world)
+    if run.progress and first_step == 0:
+        image_tokens, text_tokens = token_counts(run.sizes.config, stage)
+        run.progress.event(plan.global_step(stage_plan.index, 0), "stage_start", stage=stage.name,
+                           steps=stage_plan.steps, image_tokens=image_tokens, text_tokens=text_tokens,
+                           lr=recipe.lr(stage))
 
     warmup_steps = round(stage.warmup * stage_plan.steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.precision == "amp_bf16" \
         else contextlib.nullcontext()
     model.train()
-    step = first_step
+    current = StageState(stage_plan, model, optimizer, first_step)
     started = interval_start = time.time()
     last_checkpoint = time.time()
     interval_steps = 0
-    while step < stage_plan.steps:
-        epoch, epoch_step = divmod(step, plan.steps_per_epoch)
+    while current.step < stage_plan.steps:
+        epoch, epoch_step = divmod(current.step, plan.steps_per_epoch)
         objective.on_epoch_start(stage_plan.first_epoch + epoch)
         for batch in loader.epoch(epoch, start_step=epoch_step):
-            lr = set_lr(optimizer, schedule_factor(step, stage_plan.steps, warmup_steps))
+            lr = set_lr(optimizer, schedule_factor(current.step, stage_plan.steps, warmup_steps))
             images = batch.images.to(device, non_blocking=True)
             texts = batch.texts.to(device, non_blocking=True)
             with autocast:
@@ -229,19 +244,19 @@ def _run_stage(recipe: Recipe, options: RunOptions, plan: TrainPlan, stage_plan:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip_norm)
             optimizer.step()
             objective.after_optimizer_step(model, optimizer)
-            step += 1
+            current.step += 1
             interval_steps += 1
-            global_step = plan.global_step(stage_plan.index, step)
+            step, global_step = current.step, plan.global_step(stage_plan.index, current.step)
 
             due = recipe.checkpoint.every_steps is not None and global_step % recipe.checkpoint.every_steps == 0
-            if step % options.log_every == 0 or step == stage_plan.steps:
+            if step % run.options.log_every == 0 or step == stage_plan.steps:
                 loss = all_reduce_mean(result.loss.detach().float(), world).item()
                 if not math.isfinite(loss):
                     raise TrainingError(f"stage {stage.name} step {step}: the loss is {loss}; lower the lr or check "
                                         "the data")
                 elapsed = time.time() - interval_start
-                if progress:
-                    progress.scalars({
+                if run.progress:
+                    run.progress.scalars({
                         "step": global_step, "stage": stage.name, "epoch": stage_plan.first_epoch + epoch,
                         "samples": global_step * recipe.batch_size, "loss": loss, "lr": lr,
                         "temperature": float(result.metrics.get("tau", 1.0 / out["logit_scale"].item())),
@@ -250,7 +265,7 @@ def _run_stage(recipe: Recipe, options: RunOptions, plan: TrainPlan, stage_plan:
                 interval_start, interval_steps = time.time(), 0
                 due = due or _minutes_passed(last_checkpoint, recipe.checkpoint.every_minutes, world, device)
             if due or step == stage_plan.steps:
-                _save(options, recipe, plan, stage_plan.index, step, model, optimizer, objective, world, progress)
+                _save(run, current)
                 last_checkpoint = time.time()
             if step == stage_plan.steps:
                 break
@@ -283,25 +298,26 @@ def _minutes_passed(since: float, minutes: float | None, world: World, device: t
     return bool(flag.item())
 
 
-def _save(options: RunOptions, recipe: Recipe, plan: TrainPlan, stage: int, step: int, model: nn.Module,
-          optimizer: torch.optim.Optimizer, objective: Objective, world: World, progress: TrainLog | None) -> None:
-    rng = ckpt.gather_rng_states(world)  # a collective: every rank takes part
-    global_step = plan.global_step(stage, step)
-    if world.rank == 0:
-        uri = ckpt.save(options.output, global_step=global_step, position=ckpt.Position(stage, step), model=model,
-                        optimizer=optimizer, objective=objective, rng_states=rng,
-                        recipe=recipe.model_dump(mode="json"), keep=recipe.checkpoint.keep)
-        progress.event(global_step, "checkpoint", uri=uri)
-        progress.upload()
+def _save(run: Run, current: StageState) -> None:
+    rng = ckpt.gather_rng_states(run.world)  # a collective: every rank takes part
+    global_step = run.plan.global_step(current.plan.index, current.step)
+    if run.progress:
+        uri = ckpt.save(run.options.output, global_step=global_step,
+                        position=ckpt.Position(current.plan.index, current.step), model=current.model,
+                        optimizer=current.optimizer, objective=run.objective, rng_states=rng,
+                        recipe=run.recipe.model_dump(mode="json"), keep=run.recipe.checkpoint.keep)
+        run.progress.event(global_step, "checkpoint", uri=uri)
+        run.progress.upload()
     # Nobody runs ahead (or exits) before the checkpoint is published: a failure right after it resumes from it.
-    if world.size > 1:
+    if run.world.size > 1:
         dist.barrier()
 
 
-def _summary(recipe: Recipe, plan: TrainPlan, stage_metrics: list[dict], world: World) -> dict[str, Any]:
+def _summary(run: Run, stage_metrics: list[dict]) -> dict[str, Any]:
+    recipe = run.recipe
     read = torch.tensor([sum(m["samples_read"] for m in stage_metrics),
                          sum(m["corrupt_skipped"] for m in stage_metrics)], dtype=torch.float64)
-    if world.size > 1:
+    if run.world.size > 1:
         dist.all_reduce(read)
     for m in stage_metrics:
         seconds = m["seconds"]
@@ -309,10 +325,10 @@ def _summary(recipe: Recipe, plan: TrainPlan, stage_metrics: list[dict], world: 
     return {
         "recipe": recipe.name,
         "objective": recipe.objective.name,
-        "world_size": world.size,
+        "world_size": run.world.size,
         "global_batch": recipe.batch_size,
-        "total_steps": plan.total_steps,
-        "samples_seen": plan.total_steps * recipe.batch_size,
+        "total_steps": run.plan.total_steps,
+        "samples_seen": run.plan.total_steps * recipe.batch_size,
         "stages": stage_metrics,
         "samples_read": int(read[0]),
         "corrupt_skipped": int(read[1]),

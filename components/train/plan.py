@@ -13,15 +13,12 @@ import math
 from dataclasses import dataclass
 
 from components.common.config import ConfigError
+from components.common.open_clip_models import TowerSizes, model_config, tower_sizes
 from components.common.recipe import Recipe, Stage
 
 
 @dataclass(frozen=True)
-class ModelSizes:
-    image_size: int  # the config's native image side
-    patch_size: int
-    context_length: int
-    embed_dim: int
+class ModelSizes(TowerSizes):
     config: dict  # the open_clip config the run trains (model_kwargs applied)
 
 
@@ -33,25 +30,12 @@ def model_kwargs(recipe: Recipe) -> dict:
 
 
 def model_sizes(recipe: Recipe) -> ModelSizes:
-    from components.common.open_clip_models import model_config
-
     try:
         config = dict(model_config(recipe.model))
     except ValueError:
         raise ConfigError("recipe", [f"model.name: {recipe.model.name!r} is not an open_clip model config"]) from None
     config.update(model_kwargs(recipe))
-    vision, text = config["vision_cfg"], config["text_cfg"]
-
-    def side(v):
-        return v if isinstance(v, int) else int(v[0])
-
-    return ModelSizes(
-        image_size=side(vision["image_size"]),
-        patch_size=side(vision.get("patch_size", 1)),
-        context_length=int(text.get("context_length", 77)),
-        embed_dim=int(config["embed_dim"]),
-        config=config,
-    )
+    return ModelSizes(**vars(tower_sizes(config)), config=config)
 
 
 def check_recipe(recipe: Recipe, world_size: int, source: str = "recipe") -> ModelSizes:
@@ -68,7 +52,7 @@ def check_recipe(recipe: Recipe, world_size: int, source: str = "recipe") -> Mod
         if stage.text.length is not None and stage.text.length > sizes.context_length:
             problems.append(f"{key}.text.length: {stage.text.length} is above the model's context length "
                             f"{sizes.context_length}")
-        size = stage.image.size or sizes.image_size
+        size = stage.image_size(sizes.image_size)
         if size % sizes.patch_size:
             problems.append(f"{key}.image.size: {size} is not a multiple of the model's patch size {sizes.patch_size}")
         if size > sizes.image_size:
@@ -77,8 +61,8 @@ def check_recipe(recipe: Recipe, world_size: int, source: str = "recipe") -> Mod
         if stage.samples < recipe.batch_size:
             problems.append(f"{key}.samples: {stage.samples} is less than one global batch ({recipe.batch_size})")
     last = recipe.stages[-1]
-    if len(recipe.stages) == 2 and (last.image.size not in (None, sizes.image_size) or last.image.mask != "none"
-                                    or (last.text.length or sizes.context_length) != sizes.context_length):
+    if len(recipe.stages) == 2 and (last.image_size(sizes.image_size) != sizes.image_size or last.image.mask != "none"
+                                    or last.text_length(sizes.context_length) != sizes.context_length):
         problems.append(f"stages[1] ({last.name}): the finetune stage trains at full tokens; leave its image and text "
                         "settings unset")
     if problems:
@@ -93,6 +77,8 @@ class StagePlan:
     steps: int  # optimizer steps in this stage: samples // global batch
     first_epoch: int  # the objectives' epoch number of this stage's epoch 0
     epochs: int  # epochs this stage starts (the last one may be partial)
+    image_size: int  # the side its images are trained at (the stage's, or the model's)
+    text_length: int  # the tokens its texts are trained at (the stage's, or the model's context length)
 
 
 @dataclass(frozen=True)
@@ -113,7 +99,7 @@ class TrainPlan:
         return sum(s.steps for s in self.stages[:stage]) + step
 
 
-def train_plan(recipe: Recipe, steps_per_epoch: int) -> TrainPlan:
+def train_plan(recipe: Recipe, sizes: ModelSizes, steps_per_epoch: int) -> TrainPlan:
     """Lay the stages out in steps and epochs. ``steps_per_epoch``: the loader's (epoch samples // global batch)."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
@@ -121,6 +107,7 @@ def train_plan(recipe: Recipe, steps_per_epoch: int) -> TrainPlan:
     for i, stage in enumerate(recipe.stages):
         steps = stage.samples // recipe.batch_size
         epochs = math.ceil(steps / steps_per_epoch)
-        plans.append(StagePlan(i, stage, steps, first_epoch, epochs))
+        plans.append(StagePlan(i, stage, steps, first_epoch, epochs, image_size=stage.image_size(sizes.image_size),
+                               text_length=stage.text_length(sizes.context_length)))
         first_epoch += epochs
     return TrainPlan(tuple(plans), steps_per_epoch)

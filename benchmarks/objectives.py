@@ -87,8 +87,7 @@ class Runner:
                               out.get("logit_bias"), indices).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        self.objective.after_optimizer_step(self.model, self.optimizer)
+        self.objective.optimizer_step(self.model, self.optimizer)
         return time.perf_counter() - start
 
 

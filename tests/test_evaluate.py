@@ -281,8 +281,7 @@ def test_a_trained_tiny_model_is_far_above_chance_on_held_out_animals(tmp_path):
         loss = objective(*model(pixels[batch], prompts[targets[batch]])).loss
         optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
-        objective.after_optimizer_step(model, optimizer)
+        objective.optimizer_step(model, optimizer)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "trained.pt")
 
     doc = evaluate(json.dumps(TINY), [written["animal_mnist"]["uri"]], (tmp_path / "eval").as_uri(),

@@ -21,7 +21,7 @@ from components.common.recipe import FastClipSettings
 from components.train.distributed import World, barrier
 from components.train.objectives import ObjectiveContext
 from components.train.objectives.fastclip import FastClipObjective, gamma_at, table_memory
-from components.train.objectives.sample_tables import SampleTables
+from components.train.objectives.sample_tables import SampleTables, last_positions
 
 G, D, N = 12, 8, 40  # global batch, embedding width, dataset size
 EPS = 1e-14  # FastClipSettings.eps default
@@ -290,20 +290,13 @@ def test_temperature_schemes():
     v3 = _objective("v3", lr_tau=1e-4)
     v3.init_model(model)
     (group,) = v3.param_groups(model, lr=1e-3)
-    assert group["lr"] == 1e-4 and group["managed"]
+    assert group["lr"] == 1e-4 and group["managed"]  # the step_thresh rule: tests/test_objectives.py
     optimizer = torch.optim.SGD([group], lr=1.0)
     with torch.no_grad():
-        model.logit_scale.fill_(math.log(1 / 0.03))  # tau = 0.03: lr_tau / 3 from the next step
-    v3.after_optimizer_step(model, optimizer)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 / 3)
-    with torch.no_grad():
-        model.logit_scale.fill_(7.0)  # beyond s = 100: clamped, tau = 0.01
-    v3.after_optimizer_step(model, optimizer)
+        model.logit_scale.fill_(4.55)  # s = 94.6
+    model.logit_scale.grad = torch.tensor(-1e4)  # lr 1e-4: a step to 4.55 + 1/3 (tau <= 0.03), beyond s = 100
+    v3.optimizer_step(model, optimizer)
     assert model.logit_scale.item() == pytest.approx(math.log(100))
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(1 / 0.05))  # back above the threshold: checked every step
-    v3.after_optimizer_step(model, optimizer)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
 def test_table_memory_figures():
@@ -311,6 +304,22 @@ def test_table_memory_figures():
     assert table_memory("v2")["bytes_per_sample"] == 32
     assert table_memory("v3") == {"bytes_per_sample": 8, "node_shared": 3_200_000_000,
                                   "node_replicated": 25_600_000_000}  # 400M samples, 8 ranks per node
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_last_positions_match_a_plain_loop(seed):
+    indices = torch.randint(0, 6, (40,), generator=torch.Generator().manual_seed(seed))
+    last = {int(i): p for p, i in enumerate(indices)}
+    assert last_positions(indices).tolist() == [last[int(i)] for i in indices]
+
+
+def test_a_table_per_process_writes_the_last_duplicate():
+    tables = SampleTables({"a": -1.0, "b": 0.5}, 10, World(), "unused")
+    assert not tables.shared and tables.path is None
+    tables.write(torch.tensor([7, 2, 7, 5, 7]), torch.arange(10.0).view(5, 2))
+    assert tables.data[7].tolist() == [8.0, 9.0] and tables.data[2].tolist() == [2.0, 3.0]
+    assert tables.data[5].tolist() == [6.0, 7.0] and tables.data[0].tolist() == [-1.0, 0.5]
+    assert tables.read(torch.tensor([5, 7])).tolist() == [[6.0, 7.0], [8.0, 9.0]]
 
 
 def _shared_table_probe() -> dict:

@@ -66,7 +66,7 @@ def test_init_and_clamp_of_the_temperature():
     assert model.logit_scale.item() == pytest.approx(math.log(10)) and model.logit_bias.item() == -10.0
     with torch.no_grad():
         model.logit_scale.fill_(7.0)
-    clip.after_optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    clip.optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert model.logit_scale.item() == pytest.approx(math.log(100))
 
 
@@ -95,3 +95,38 @@ def test_registry_covers_every_recipe_objective():
     from typing import get_args
 
     assert set(NAMES) == set(get_args(ObjectiveSpec.model_fields["name"].annotation))
+
+
+class _TemperatureAt(nn.Module):
+    def __init__(self, tau: float):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau)))
+
+
+@pytest.mark.parametrize("spec", [ObjectiveSpec(name="fastclip", fastclip={"version": "v3", "lr_tau": 1e-2}),
+                                  ObjectiveSpec(name="amorlip", amorlip={"lr_tau": 1e-2})],
+                         ids=["fastclip-v3", "amorlip"])
+@pytest.mark.parametrize("optimizer_name", ["adamw", "lamb"])
+@pytest.mark.parametrize("tau", [0.05, 0.0301, 0.03, 0.02])
+def test_step_thresh_rule_scales_the_temperature_step(spec, optimizer_name, tau):
+    """Four AdamW/LAMB steps with the objective's hooks equal four steps of the same optimizer whose lr is set on the
+    host before every step as the references do (lr_tau, or lr_tau / 3 once tau <= 0.03), without reading tau."""
+    from timm.optim import Lamb
+
+    objective = build_objective(spec, ObjectiveContext(embed_dim=8, dataset_size=16))
+    make = {"adamw": torch.optim.AdamW, "lamb": Lamb}[optimizer_name]
+    ours, reference = _TemperatureAt(tau), _TemperatureAt(tau)
+    (group,) = objective.param_groups(ours, lr=1.0)
+    optimizer = make([group])
+    reference_optimizer = make([{"params": [reference.logit_scale], "lr": 1e-2, "weight_decay": 0.0}])
+    used = set()
+    for step in range(4):
+        for model in (ours, reference):
+            model.logit_scale.grad = torch.tensor(-1.0 - step)  # towards a lower tau
+        objective.optimizer_step(ours, optimizer)
+        lr = 1e-2 if math.exp(-reference.logit_scale.item()) > 0.03 else 1e-2 / 3
+        reference_optimizer.param_groups[0]["lr"] = lr
+        used.add(lr)
+        reference_optimizer.step()
+        torch.testing.assert_close(ours.logit_scale, reference.logit_scale, rtol=1e-6, atol=1e-6)
+    assert used == ({1e-2, 1e-2 / 3} if tau == 0.0301 else {1e-2} if tau > 0.03 else {1e-2 / 3})

@@ -96,8 +96,7 @@ def _run_case(name: str, spec: ObjectiveSpec) -> dict:
             dist.all_reduce(loss)
             loss /= world.size
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        optimizer.step()
-        objective.after_optimizer_step(model, optimizer)
+        objective.optimizer_step(model, optimizer)
         steps.append({"loss": loss, "grads": grads})
     state = {k: v.clone() for k, v in _flatten(objective.state_dict()).items()}
     return {"steps": steps, "state": state, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}

@@ -176,9 +176,9 @@ class Recipe(Config):
     model: ModelSpec
     objective: ObjectiveSpec = ObjectiveSpec()
     batch_size: int = Field(gt=0)  # global batch, split evenly over the ranks
-    precision: Literal["fp32", "amp_bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "amp_bf16"] = "auto"  # auto: amp_bf16 on CUDA, fp32 on a CPU
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: Literal["auto"] | bool = "auto"  # torch.compile the model; auto: on CUDA yes, on a CPU no
     optimizer: OptimizerSpec = OptimizerSpec()
     stages: list[Stage] = Field(min_length=1, max_length=2)
     checkpoint: CheckpointSpec = CheckpointSpec()

@@ -13,7 +13,6 @@ rules). Checkpoints are saved every ``checkpoint.every_steps`` steps, when ``che
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -31,12 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 from components.common import datasets
 from components.common.manifest import read_manifest
 from components.common.recipe import Recipe
+from components.train import accelerator
 from components.train import checkpoint as ckpt
 from components.train.clipa import build_stage_model, switch_stage, token_counts
 from components.train.data import derive_seed, stage_loader
 from components.train.distributed import World, all_reduce_mean
 from components.train.export import export_config, export_model, manifest_uri
-from components.train.objectives import Objective, ObjectiveContext, build_objective
+from components.train.objectives import Objective, ObjectiveContext, ObjectiveOutput, build_objective
 from components.train.optim import build_optimizer, schedule_factor, set_lr
 from components.train.plan import ModelSizes, StagePlan, TrainPlan, check_recipe, train_plan
 from components.train.progress import TrainLog, write_metrics
@@ -94,6 +94,7 @@ class StageState:
 def train(recipe: Recipe, options: RunOptions, world: World, device: torch.device) -> Trained:
     """Run (or finish) the recipe's stages, export the model, and return it with the run's metrics."""
     sizes = check_recipe(recipe, world.size)
+    accelerator.configure(device)
     # Per-rank streams (image masks, dropout): reproducible, and different on each rank.
     torch.manual_seed(derive_seed(recipe.seed, "rank", world.rank))
     random.seed(derive_seed(recipe.seed, "python", world.rank))
@@ -119,6 +120,7 @@ def train(recipe: Recipe, options: RunOptions, world: World, device: torch.devic
         seed=recipe.seed,
         optimizer_betas=recipe.optimizer.betas,
         optimizer_eps=recipe.optimizer.eps,
+        device=str(device),
         run_id=_run_id(options.output),
     )).to(device)
     if state:
@@ -206,7 +208,7 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
         optimizer.load_state_dict(saved["optimizer"])
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world.size > 1 else model
-    forward = torch.compile(ddp) if recipe.compile else ddp
+    forward = torch.compile(ddp) if accelerator.compiles(recipe, device) else ddp
     loader = stage_loader(run.options.data, recipe, stage, world=world, model_image_size=stage_plan.image_size,
                           model_context_length=stage_plan.text_length)
     if loader.steps_per_epoch != plan.steps_per_epoch:
@@ -217,11 +219,10 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
         image_tokens, text_tokens = token_counts(run.sizes.config, stage)
         run.progress.event(plan.global_step(stage_plan.index, 0), "stage_start", stage=stage.name,
                            steps=stage_plan.steps, image_tokens=image_tokens, text_tokens=text_tokens,
-                           lr=recipe.lr(stage))
+                           lr=recipe.lr(stage), precision=accelerator.precision(recipe, device))
 
     warmup_steps = round(stage.warmup * stage_plan.steps)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.precision == "amp_bf16" \
-        else contextlib.nullcontext()
+    autocast = accelerator.autocast(recipe, device)
     model.train()
     current = StageState(stage_plan, model, optimizer, first_step)
     started = interval_start = time.time()
@@ -230,36 +231,29 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
     while current.step < stage_plan.steps:
         epoch, epoch_step = divmod(current.step, plan.steps_per_epoch)
         objective.on_epoch_start(stage_plan.first_epoch + epoch)
-        for batch in loader.epoch(epoch, start_step=epoch_step):
+        for batch in accelerator.on_device(loader.epoch(epoch, start_step=epoch_step), device):
             lr = set_lr(optimizer, schedule_factor(current.step, stage_plan.steps, warmup_steps))
-            images = batch.images.to(device, non_blocking=True)
-            texts = batch.texts.to(device, non_blocking=True)
             with autocast:
-                out = forward(images, texts)
-            result = objective(out["image_features"], out["text_features"], out["logit_scale"],
-                               out.get("logit_bias"), batch.indices.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            if recipe.optimizer.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optimizer.grad_clip_norm)
-            optimizer.step()
-            objective.after_optimizer_step(model, optimizer)
+                out = forward(batch.images, batch.texts)
+            result = _step(run, current, out, batch.indices)
             current.step += 1
             interval_steps += 1
             step, global_step = current.step, plan.global_step(stage_plan.index, current.step)
 
             due = recipe.checkpoint.every_steps is not None and global_step % recipe.checkpoint.every_steps == 0
             if step % run.options.log_every == 0 or step == stage_plan.steps:
+                # The only host reads of a step's values: at log steps (each one waits for the GPU).
                 loss = all_reduce_mean(result.loss.detach().float(), world).item()
                 if not math.isfinite(loss):
                     raise TrainingError(f"stage {stage.name} step {step}: the loss is {loss}; lower the lr or check "
                                         "the data")
                 elapsed = time.time() - interval_start
                 if run.progress:
+                    metrics = result.metrics
                     run.progress.scalars({
                         "step": global_step, "stage": stage.name, "epoch": stage_plan.first_epoch + epoch,
                         "samples": global_step * recipe.batch_size, "loss": loss, "lr": lr,
-                        "temperature": float(result.metrics.get("tau", 1.0 / out["logit_scale"].item())),
+                        "temperature": float(metrics["tau"] if "tau" in metrics else 1.0 / metrics["logit_scale"]),
                         "samples_per_s": interval_steps * recipe.batch_size / max(elapsed, 1e-9),
                     })
                 interval_start, interval_steps = time.time(), 0
@@ -276,6 +270,20 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
         "samples_read": loader.total.read,
         "corrupt_skipped": loader.total.corrupt,
     }
+
+
+def _step(run: Run, current: StageState, out: dict[str, torch.Tensor], indices: torch.Tensor) -> ObjectiveOutput:
+    """The objective's loss on the model's output, backward (DDP averages the gradients), clipping, and the
+    optimizer step with the objective's temperature rules. Nothing here reads a device value on the host, so on a
+    GPU the host queues the next step while this one runs (tests/test_host_syncs.py)."""
+    result = run.objective(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
+                           indices)
+    current.optimizer.zero_grad(set_to_none=True)
+    result.loss.backward()
+    if run.recipe.optimizer.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(current.model.parameters(), run.recipe.optimizer.grad_clip_norm)
+    run.objective.optimizer_step(current.model, current.optimizer)
+    return result
 
 
 def _restore_rng(state: dict, world: World) -> None:

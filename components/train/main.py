@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from components.common import store
 from components.common.config import ConfigError
+from components.common.device import DeviceError, resolve_device
 from components.common.recipe import Recipe, load_recipe, parse_recipe
 from components.train.distributed import World
 from components.train.loop import RunOptions, TrainingError, train
@@ -48,14 +49,6 @@ def read_recipe(location: str) -> Recipe:
     return load_recipe(location)
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainingError("--device cuda, but no CUDA device is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def init_process_group(device: torch.device, timeout: datetime.timedelta) -> None:
     """NCCL on GPUs, gloo on CPUs, from torchrun's environment.
 
@@ -77,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         recipe = read_recipe(args.recipe)
-        device = _device(args.device)
+        device = resolve_device(args.device)
         distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
         if distributed:
             if device.type == "cuda":
@@ -90,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if distributed:
                 dist.destroy_process_group()
-    except (ConfigError, TrainingError, store.StoreError) as exc:
+    except (ConfigError, TrainingError, DeviceError, store.StoreError) as exc:
         log.error("%s", exc)
         print(f"train: {exc}", file=sys.stderr)
         return 2

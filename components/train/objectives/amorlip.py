@@ -66,7 +66,13 @@ from torch import nn
 
 from components.common.recipe import AmorLipSettings
 from components.train.distributed import all_gather_with_grad, all_reduce_mean
-from components.train.objectives.base import Objective, ObjectiveContext, ObjectiveOutput, fp32_logits, step_thresh_lr
+from components.train.objectives.base import (
+    TEMPERATURE_GROUP,
+    Objective,
+    ObjectiveContext,
+    ObjectiveOutput,
+    fp32_logits,
+)
 
 MAX_LOG_RATIO = 30.0  # cap on log(Zhat / lambda) in the divergence losses; see the module docstring
 
@@ -137,6 +143,7 @@ def amortisation_loss(divergence: str, log_lambda: torch.Tensor, log_target: tor
 
 class AmorLipObjective(Objective):
     name = "amorlip"
+    temperature_lr_rule = True
 
     def __init__(self, context: ObjectiveContext, settings: AmorLipSettings):
         super().__init__(context)
@@ -193,19 +200,10 @@ class AmorLipObjective(Objective):
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1.0 / self.settings.temperature_init))
 
-    def _temperature_lr(self, model: nn.Module) -> float:
-        return step_thresh_lr(self.settings.lr_tau, model)
-
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        return [{"params": [model.logit_scale], "lr": self._temperature_lr(model), "weight_decay": 0.0,
-                 "name": "temperature", "managed": True}]
-
-    @torch.no_grad()
-    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        super().after_optimizer_step(model, optimizer)
-        for group in optimizer.param_groups:
-            if group.get("name") == "temperature":
-                group["lr"] = self._temperature_lr(model)
+        # A constant lr_tau; the step_thresh rule scales the temperature's step (base.step_thresh_lr).
+        return [{"params": [model.logit_scale], "lr": self.settings.lr_tau, "weight_decay": 0.0,
+                 "name": TEMPERATURE_GROUP, "managed": True}]
 
     # Stage I ------------------------------------------------------------------------------------------------------
 
@@ -215,15 +213,15 @@ class AmorLipObjective(Objective):
                                  self.settings.div_reg_coef)
 
     def _fit_lambda(self, feats: torch.Tensor, log_targets: torch.Tensor, log_zhats: torch.Tensor,
-                    global_batch: int) -> float:
-        """The inner Adam steps; returns the loss before the first one."""
+                    global_batch: int) -> torch.Tensor:
+        """The inner Adam steps; returns the loss before the first one (detached)."""
         params = list(self.online.parameters())
-        first = math.nan
+        first = torch.full((), math.nan)
         with torch.enable_grad():
             for i in range(self.settings.lambda_steps):
                 loss = self._lambda_loss(feats, log_targets, log_zhats, global_batch)
                 if i == 0:
-                    first = loss.item()
+                    first = loss.detach()
                 grads = torch.autograd.grad(loss, params)
                 if self.world.size > 1:
                     # One collective per inner step: the mean over ranks of per-rank means is the global gradient.
@@ -267,7 +265,7 @@ class AmorLipObjective(Objective):
                 lambda_loss = self._fit_lambda(feats, log_targets, log_zhats, b * world.size)
             else:
                 with torch.no_grad():
-                    lambda_loss = self._lambda_loss(feats, log_targets, log_zhats, b * world.size).item()
+                    lambda_loss = self._lambda_loss(feats, log_targets, log_zhats, b * world.size)
             if k % settings.target_every == 0:
                 self._update_target()
             self.epoch_step += 1
@@ -275,8 +273,8 @@ class AmorLipObjective(Objective):
             positive = (x * y).sum(dim=1).mean()
             ratios = torch.exp(log_num_image - log_targets[0]).mean() + torch.exp(log_num_text - log_targets[1]).mean()
             loss = (-2.0 * s * positive + ratios) / s.detach() + self.rho / s
-        return ObjectiveOutput(loss, {"loss": loss.item(), "lambda_loss": lambda_loss, "beta": self.beta,
-                                      "rho": self.rho, "tau": 1.0 / s.item()})
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "lambda_loss": lambda_loss, "beta": self.beta,
+                                      "rho": self.rho, "tau": 1.0 / s.detach()})
 
     # Checkpoints --------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,10 @@ An objective turns one rank's batch of L2-normalised image and text features int
   ``state_dict()``; restoring it continues bit-for-bit.
 - ``param_groups`` returns the optimizer groups the objective claims (e.g. the temperature with its own learning rate
   and no weight decay); the trainer puts every other parameter in its default groups.
-- ``on_epoch_start`` and ``after_optimizer_step`` are the schedule and clamp hooks.
+- ``on_epoch_start`` is the schedules' hook; ``optimizer_step`` runs the trainer's optimizer step with the
+  objective's temperature rules around it (the trainer calls it instead of ``optimizer.step()``).
+- Nothing in ``forward`` or the hooks reads a device value on the host (``.item()``, ``float(tensor)``, ``.cpu()``,
+  ``if tensor``): on a GPU each such read waits for every queued kernel (tests/test_host_syncs.py checks it).
 """
 
 from __future__ import annotations
@@ -42,17 +45,21 @@ class ObjectiveContext:
     seed: int = 0  # every rank derives the same random initialisations (lambda networks) from it
     optimizer_betas: tuple[float, float] = (0.9, 0.95)  # the model optimizer's, reused by per-sample Adam (FastCLIP v2)
     optimizer_eps: float = 1e-6
+    device: str = "cpu"  # the training device: per-sample tables live there on CUDA
     run_id: str = "local"  # names node-shared memory so concurrent runs on one node never collide
 
 
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # this rank's loss, with grad
-    metrics: dict[str, float] = field(default_factory=dict)  # detached figures for logging
+    # Figures for the logs: detached tensors (or Python numbers), read on the host only at log steps: an .item() here
+    # would make the host wait for the GPU every step.
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 class Objective(nn.Module):
     name: str = ""
+    temperature_lr_rule = False  # True: the temperature's lr follows step_thresh_lr
 
     def __init__(self, context: ObjectiveContext):
         super().__init__()
@@ -75,7 +82,7 @@ class Objective(nn.Module):
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Optimizer groups this objective owns: dicts with "params", "lr", "weight_decay", a "name" and "managed".
 
-        ``managed=True`` means the objective sets that group's lr itself (in ``after_optimizer_step``), so the
+        ``managed=True`` means the objective steers that group's lr itself (``optimizer_step``), so the
         trainer's warmup/cosine schedule must leave it alone; ``managed=False`` groups follow the trainer's schedule
         scaled from the lr given here."""
         return []
@@ -83,9 +90,11 @@ class Objective(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first step of every epoch (0-based)."""
 
-    @torch.no_grad()
-    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Called after every optimizer step: clamp the temperature so that s <= 100."""
+    def optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step with this objective's temperature rules: FastCLIP-v3's and AmorLIP's lr rule
+        (``step_thresh_lr``) around it, then the clamp s <= 100."""
+        with step_thresh_lr(model) if self.temperature_lr_rule else contextlib.nullcontext():
+            optimizer.step()
         clamp_logit_scale(model)
 
 
@@ -94,15 +103,26 @@ def clamp_logit_scale(model: nn.Module) -> None:
         model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
 
+TEMPERATURE_GROUP = "temperature"  # the optimizer group of the model's logit scale, when an objective claims it
+
 # FastCLIP-v3's and AmorLIP's "step_thresh" rule: the temperature's lr drops to a third once tau <= this.
 TAU_THRESHOLD = 0.03
 
 
-def step_thresh_lr(lr_tau: float, model: nn.Module) -> float:
-    """lr_tau while the model's temperature is above TAU_THRESHOLD, lr_tau / 3 from then on (both references check
-    it after every optimizer step)."""
-    tau = math.exp(-model.logit_scale.item())
-    return lr_tau if tau > TAU_THRESHOLD else lr_tau / 3
+@contextlib.contextmanager
+def step_thresh_lr(model: nn.Module) -> Iterator[None]:
+    """Around an optimizer step: the temperature's lr is lr_tau while tau > TAU_THRESHOLD and lr_tau / 3 from then on,
+    checked before every step as both references do (docs/objectives.md).
+
+    Reading tau on the host to set the group's lr would stall the GPU every step, so the group keeps lr_tau and this
+    scales the temperature's *step* instead: AdamW's and LAMB's update of a parameter is lr times a direction that
+    does not depend on lr (decoupled weight decay included), so theta_before + f * (theta_after - theta_before) with
+    f = 1 or 1/3 is the step at lr_tau * f. f is computed on the device from theta_before."""
+    before = model.logit_scale.detach().clone()
+    yield
+    with torch.no_grad():
+        factor = torch.where(torch.exp(-before) > TAU_THRESHOLD, 1.0, 1.0 / 3.0)
+        model.logit_scale.copy_(before + factor * (model.logit_scale - before))
 
 
 @contextlib.contextmanager

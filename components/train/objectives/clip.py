@@ -33,4 +33,4 @@ class ClipObjective(Objective):
                 logits_text = logits_text + logit_bias
             labels = torch.arange(x.shape[0], device=x.device) + self.world.rank * x.shape[0]
             loss = (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
-        return ObjectiveOutput(loss, {"loss": loss.item(), "logit_scale": s.item()})
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "logit_scale": s.detach()})

@@ -56,19 +56,17 @@ from torch import nn
 from components.common.recipe import FastClipSettings
 from components.train.distributed import all_gather_nograd
 from components.train.objectives.base import (
+    TEMPERATURE_GROUP,
     Objective,
     ObjectiveContext,
     ObjectiveOutput,
-    clamp_logit_scale,
     fp32_logits,
-    step_thresh_lr,
 )
 from components.train.objectives.sample_tables import SampleTables, node_table_bytes
 
 TAU_MIN, TAU_MAX = 0.01, 1.0  # v2's per-sample bounds: the same range as the global versions' clamp of theta
 TAU_GRAD_CLIP = 5.0  # v2: the per-sample temperature gradient is clipped to [-5, 5]
 UNSEEN_LOG_U = math.log(1e-35)  # an old estimate below this (never written: -inf; inf; NaN) is replaced by ghat
-TEMPERATURE_GROUP = "temperature"
 LOG_U = ("log_u_image", "log_u_text")
 V2_STATE = ("tau_image", "tau_text", "m_image", "m_text", "v_image", "v_text")
 
@@ -124,7 +122,9 @@ class FastClipObjective(Objective):
         initial.update(dict.fromkeys(LOG_U, -math.inf))  # unseen
         if settings.version == "v2":
             initial.update(tau_image=settings.temperature_init, tau_text=settings.temperature_init)
-        self.tables = SampleTables(initial, context.dataset_size, context.world, f"{context.run_id}-fastclip")
+        self.tables = SampleTables(initial, context.dataset_size, context.world, f"{context.run_id}-fastclip",
+                                   device=context.device)
+        self.temperature_lr_rule = settings.version == "v3"
 
     def init_model(self, model: nn.Module) -> None:
         with torch.no_grad():
@@ -137,24 +137,12 @@ class FastClipObjective(Objective):
         if version not in ("v0", "v3"):
             return []
         group = {"params": [model.logit_scale], "weight_decay": 0.0, "name": TEMPERATURE_GROUP}
-        if version == "v0":
-            return [{**group, "lr": self.lr_tau, "managed": False}]
-        return [{**group, "lr": self._v3_lr(model), "managed": True}]
-
-    def _v3_lr(self, model: nn.Module) -> float:
-        return step_thresh_lr(self.lr_tau, model)
+        # v0 follows the trainer's schedule; v3's lr is constant, its step scaled by the step_thresh rule.
+        return [{**group, "lr": self.lr_tau, "managed": version == "v3"}]
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
         self.gamma = gamma_at(epoch, self.settings)
-
-    @torch.no_grad()
-    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        clamp_logit_scale(model)
-        if self.settings.version == "v3":
-            for group in optimizer.param_groups:
-                if group.get("name") == TEMPERATURE_GROUP:
-                    group["lr"] = self._v3_lr(model)
 
     def get_extra_state(self) -> dict:
         return {"epoch": self.epoch, "gamma": self.gamma, **self.tables.state()}
@@ -237,7 +225,7 @@ class FastClipObjective(Objective):
                 s = logit_scale.float()
                 loss = loss / s.detach() + settings.rho / s + 0.5 * (log_u[0] + log_u[1]).mean() / s
         tau = tau_old.mean() if v2 else 1 / logit_scale.detach().float()
-        return ObjectiveOutput(loss, {"loss": loss.item(), "gamma": self.gamma, "tau": float(tau)})
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "gamma": self.gamma, "tau": tau})
 
     def _tau_gradient(self, terms: torch.Tensor, logits: torch.Tensor, log_u_eps: torch.Tensor) -> torch.Tensor:
         """v2: d/dtau_i [tau_i (log g_i + rho)] for every anchor, with g estimated by the updated u, clipped to [-5, 5]:

@@ -40,5 +40,5 @@ class SigLipObjective(Objective):
             signs = -torch.ones_like(logits)
             signs[torch.arange(b), torch.arange(b) + self.world.rank * b] = 1.0
             loss = -F.logsigmoid(signs * logits).sum() / b
-        return ObjectiveOutput(loss, {"loss": loss.item(), "logit_scale": logit_scale.item(),
-                                      "logit_bias": logit_bias.item()})
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "logit_scale": logit_scale.detach(),
+                                      "logit_bias": logit_bias.detach()})

@@ -59,13 +59,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from components.common.recipe import AmorLipSettings
-from components.train.distributed import all_gather_with_grad, all_reduce_mean
+from components.train.distributed import all_gather_nograd, all_gather_with_grad, all_reduce_mean
 from components.train.objectives.base import (
     TEMPERATURE_GROUP,
     Objective,
@@ -139,6 +140,12 @@ def amortisation_loss(divergence: str, log_lambda: torch.Tensor, log_target: tor
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
     return reg_coef * l2log + div.mean(dim=-1).sum() / global_batch
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    log_targets: torch.Tensor  # (2, B) log Zc per modality and local anchor, detached
+    lambda_loss: torch.Tensor  # the amortisation loss before this step's inner updates (for the logs)
 
 
 class AmorLipObjective(Objective):
@@ -239,42 +246,52 @@ class AmorLipObjective(Objective):
 
     # The step -----------------------------------------------------------------------------------------------------
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, indices=None) -> ObjectiveOutput:
+    def prepare(self, image_features, text_features, logit_scale, logit_bias, indices) -> _Prepared:
+        """Stage I: the normalisers Zhat of every local anchor, their blended targets, and the lambda networks'
+        inner steps (every ``lambda_every`` steps) and EMA update (every ``target_every``)."""
         if logit_bias is not None:
             raise ValueError("amorlip has no logit bias: build the model without init_logit_bias")
         settings, world = self.settings, self.world
         with fp32_logits(image_features.device):
             x, y, s = image_features.float(), text_features.float(), logit_scale.float()
-            b = x.shape[0]
-            # Rows: local anchors; columns: every rank's features, with autograd so that remote features get their
-            # gradient as negatives.
-            all_x, all_y = all_gather_with_grad(x, world), all_gather_with_grad(y, world)
-            log_w = torch.zeros(b, b * world.size, device=x.device)
-            rows = torch.arange(b, device=x.device)
-            log_w[rows, rows + world.rank * b] = math.log(settings.pos_coef) if settings.pos_coef > 0 else -math.inf
-            log_num_image = torch.logsumexp(s * x @ all_y.T + log_w, dim=1)
-            log_num_text = torch.logsumexp(s * y @ all_x.T + log_w, dim=1)
-
-            with torch.no_grad():
-                feats = torch.stack([x.detach(), y.detach()])
-                log_zhats = torch.stack([log_num_image.detach(), log_num_text.detach()])
-                log_targets = blend_log_target(log_zhats, self.prev(feats) if self.beta > 0 else None, self.beta)
-
+            all_x, all_y = all_gather_nograd(x, world), all_gather_nograd(y, world)
+            feats = torch.stack([x, y])
+            log_zhats = torch.stack(self._log_numerators(x, y, all_x, all_y, s))
+            log_targets = blend_log_target(log_zhats, self.prev(feats) if self.beta > 0 else None, self.beta)
+            global_batch = x.shape[0] * world.size
             k = self.epoch_step
             if k % settings.lambda_every == 0:
-                lambda_loss = self._fit_lambda(feats, log_targets, log_zhats, b * world.size)
+                lambda_loss = self._fit_lambda(feats, log_targets, log_zhats, global_batch)
             else:
-                with torch.no_grad():
-                    lambda_loss = self._lambda_loss(feats, log_targets, log_zhats, b * world.size)
+                lambda_loss = self._lambda_loss(feats, log_targets, log_zhats, global_batch)
             if k % settings.target_every == 0:
                 self._update_target()
             self.epoch_step += 1
+        return _Prepared(log_targets, lambda_loss)
 
+    def loss(self, image_features, text_features, logit_scale, logit_bias, indices, prepared) -> ObjectiveOutput:
+        """Stage II: the encoders' loss against the prepared targets."""
+        with fp32_logits(image_features.device):
+            x, y, s = image_features.float(), text_features.float(), logit_scale.float()
+            # Rows: local anchors; columns: every rank's features, with autograd so that remote features get their
+            # gradient as negatives.
+            all_x, all_y = all_gather_with_grad(x, self.world), all_gather_with_grad(y, self.world)
+            log_num_image, log_num_text = self._log_numerators(x, y, all_x, all_y, s)
             positive = (x * y).sum(dim=1).mean()
-            ratios = torch.exp(log_num_image - log_targets[0]).mean() + torch.exp(log_num_text - log_targets[1]).mean()
+            targets = prepared.log_targets
+            ratios = torch.exp(log_num_image - targets[0]).mean() + torch.exp(log_num_text - targets[1]).mean()
             loss = (-2.0 * s * positive + ratios) / s.detach() + self.rho / s
-        return ObjectiveOutput(loss, {"loss": loss.detach(), "lambda_loss": lambda_loss, "beta": self.beta,
+        return ObjectiveOutput(loss, {"loss": loss.detach(), "lambda_loss": prepared.lambda_loss, "beta": self.beta,
                                       "rho": self.rho, "tau": 1.0 / s.detach()})
+
+    def _log_numerators(self, x, y, all_x, all_y, s) -> tuple[torch.Tensor, torch.Tensor]:
+        """log sum_j w_ij exp(s x_i . y_j) per local image anchor, and the same per text anchor; the positive's
+        weight is pos_coef (0: left out)."""
+        b, rank, pos_coef = x.shape[0], self.world.rank, self.settings.pos_coef
+        log_w = torch.zeros(b, all_y.shape[0], device=x.device)
+        rows = torch.arange(b, device=x.device)
+        log_w[rows, rows + rank * b] = math.log(pos_coef) if pos_coef > 0 else -math.inf
+        return torch.logsumexp(s * x @ all_y.T + log_w, dim=1), torch.logsumexp(s * y @ all_x.T + log_w, dim=1)
 
     # Checkpoints --------------------------------------------------------------------------------------------------
 

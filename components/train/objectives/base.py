@@ -4,7 +4,9 @@ An objective turns one rank's batch of L2-normalised image and text features int
 
 - ``forward`` returns this rank's loss. The trainer calls ``backward()`` on it and DDP averages parameter gradients
   over ranks; the result must equal the gradient of one process holding the whole global batch (tested for world
-  sizes 1, 2 and 4). Logits are computed in fp32 even under autocast.
+  sizes 1, 2 and 4). Logits are computed in fp32 even under autocast. It is ``prepare`` (no gradients, the step's
+  state updates, once per step) followed by ``loss`` (gradients, no state changes), so that gradient accumulation
+  can evaluate ``loss`` once per micro-batch with the same prepared state (``train/accumulation.py``).
 - ``logit_scale`` is the model's *exponentiated* scale s = exp(theta) (open_clip's forward output), so the learned
   temperature lives in the model and is exported with it. ``logit_bias`` likewise (SigLIP).
 - ``indices`` are the samples' dense dataset indices (0..N-1, from preprocess); objectives with per-sample state
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -77,6 +79,23 @@ class Objective(nn.Module):
         logit_bias: torch.Tensor | None = None,
         indices: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
+        """This rank's loss on one batch: ``prepare`` on the detached features, then ``loss``."""
+        prepared = self.prepare(image_features.detach(), text_features.detach(), logit_scale.detach(),
+                                None if logit_bias is None else logit_bias.detach(), indices)
+        return self.loss(image_features, text_features, logit_scale, logit_bias, indices, prepared)
+
+    def prepare(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None, indices: torch.Tensor | None) -> Any:
+        """The step's part without gradients, once per optimizer step on the whole (per-rank) batch's detached
+        features: per-sample state read and updated (FastCLIP's u), inner fits (AmorLIP's lambda networks).
+        Returns what ``loss`` needs from it. Gradient accumulation calls it once and ``loss`` once per micro-batch."""
+        return None
+
+    def loss(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+             logit_bias: torch.Tensor | None, indices: torch.Tensor | None, prepared: Any) -> ObjectiveOutput:
+        """The loss of the whole batch with gradients: a function of its inputs and ``prepared`` only (no state
+        changes), so that evaluating it again with another micro-batch's features live gives that micro-batch's part
+        of the gradient."""
         raise NotImplementedError
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:

@@ -22,7 +22,7 @@ class ClipObjective(Objective):
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / 0.07))
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, indices=None) -> ObjectiveOutput:
+    def loss(self, image_features, text_features, logit_scale, logit_bias, indices, prepared) -> ObjectiveOutput:
         with fp32_logits(image_features.device):
             x, y, s = image_features.float(), text_features.float(), logit_scale.float()
             all_x, all_y = all_gather_with_grad(x, self.world), all_gather_with_grad(y, self.world)

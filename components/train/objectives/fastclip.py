@@ -49,6 +49,7 @@ and gamma and loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -109,6 +110,27 @@ def log_plus_eps(log_u: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.logaddexp(log_u, torch.full_like(log_u, math.log(eps)))
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What ``prepare`` hands to ``loss``: the gathered batch (detached), the positives mask (B x G), this rank's
+    updated log u (B x 2), v2's pre-update temperatures (B x 2) and the gathered new rows (G x columns [+ tau_old])."""
+
+    all_x: torch.Tensor
+    all_y: torch.Tensor
+    positives: torch.Tensor
+    log_u: torch.Tensor
+    tau_old: torch.Tensor
+    shared: torch.Tensor
+
+
+def _anchor_logits(x, y, all_x, all_y, scale, positives) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per modality, each local anchor's scaled similarities to every gathered negative minus its positive's (B x G),
+    the positive itself at -inf: image anchors against all texts, then text anchors against all images."""
+    pos = (x * y).sum(1)
+    sims = (x @ all_y.T, y @ all_x.T)
+    return tuple((scale[:, m, None] * (sims[m] - pos[:, None])).masked_fill(positives, -math.inf) for m in range(2))
+
+
 class FastClipObjective(Objective):
     name = "fastclip"
 
@@ -151,7 +173,8 @@ class FastClipObjective(Objective):
         self.epoch, self.gamma = int(state["epoch"]), float(state["gamma"])
         self.tables.load(state)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, indices=None) -> ObjectiveOutput:
+    def prepare(self, image_features, text_features, logit_scale, logit_bias, indices) -> _Prepared:
+        """Gather the batch, update every anchor's u (and v2's temperature) from the old rows, store the new ones."""
         if indices is None:
             raise ValueError("fastclip needs the samples' dataset indices")
         settings, v2 = self.settings, self.settings.version == "v2"
@@ -165,30 +188,22 @@ class FastClipObjective(Objective):
             g = everyone.shape[0]
             if g < 2:
                 raise ValueError("fastclip needs a global batch of at least 2")
-            log_negatives = math.log(g - 1)
             # Read after the all_gather above: each rank finished its writes of earlier steps before entering it.
             old = self.tables.read(indices).to(device)
             # Rank k's anchors are rows k*B.. of the gathered batch: every rank has the same B (full batches).
             positives = torch.zeros(b, g, dtype=torch.bool, device=device)
             rows = torch.arange(b, device=device)
             positives[rows, rows + self.world.rank * b] = True
-
-            # Anchor side: local anchors (rows) against every gathered feature of the other modality (columns).
-            sims = (x @ all_y.T, y @ all_x.T)  # image anchors vs all texts, text anchors vs all images
-            pos = (x * y).sum(1)
             tau_old, m_old, v_old = old[:, 2:4], old[:, 4:6], old[:, 6:8]  # v2 (columns as table_columns)
-            scale = 1 / tau_old if v2 else logit_scale.float().expand(b, 2)  # per anchor row and modality
-            log_u, log_u_eps, ratios, tau_grads = [], [], [], []
-            for m in range(2):
-                logits = (scale[:, m, None] * (sims[m] - pos[:, None])).masked_fill(positives, -math.inf)
-                log_g = torch.logsumexp(logits.detach(), 1) - log_negatives
+            log_u, tau_grads = [], []
+            for m, logits in enumerate(_anchor_logits(x, y, all_x, all_y, self._scale(logit_scale, tau_old),
+                                                      positives)):
+                log_g = torch.logsumexp(logits, 1) - math.log(g - 1)
                 log_u.append(update_log_u(old[:, m], log_g, self.gamma))
-                log_u_eps.append(log_plus_eps(log_u[m], settings.eps))
-                terms = torch.exp(logits - log_negatives - log_u_eps[m][:, None])  # ghat_i/(u_i+eps), per negative
-                ratios.append(terms.sum(1))
                 if v2:
-                    tau_grads.append(self._tau_gradient(terms.detach(), logits.detach().masked_fill(positives, 0.0),
-                                                        log_u_eps[m]))
+                    log_u_eps = log_plus_eps(log_u[m], settings.eps)
+                    terms = torch.exp(logits - math.log(g - 1) - log_u_eps[:, None])
+                    tau_grads.append(self._tau_gradient(terms, logits.masked_fill(positives, 0.0), log_u_eps))
 
             # Share the new rows (and v2's pre-update tau for the negative side) and store the global batch. Every
             # rank read its old rows before contributing to these gathers, so no write can overtake a read.
@@ -198,12 +213,26 @@ class FastClipObjective(Objective):
             shared = all_gather_nograd(torch.cat([new, tau_old], 1) if v2 else new, self.world)
             all_indices = all_gather_nograd(indices.to(device), self.world)
             self.tables.write(all_indices, shared[:, : new.shape[1]])
+        return _Prepared(all_x, all_y, positives, torch.stack(log_u, 1), tau_old, shared)
+
+    def loss(self, image_features, text_features, logit_scale, logit_bias, indices, prepared) -> ObjectiveOutput:
+        settings, v2, p = self.settings, self.settings.version == "v2", prepared
+        with fp32_logits(image_features.device):
+            x, y = image_features.float(), text_features.float()
+            b, g = x.shape[0], p.all_x.shape[0]
+            # Anchor side: local anchors (rows) against every gathered feature of the other modality (columns).
+            ratios = []
+            for m, logits in enumerate(_anchor_logits(x, y, p.all_x, p.all_y, self._scale(logit_scale, p.tau_old),
+                                                      p.positives)):
+                log_u_eps = log_plus_eps(p.log_u[:, m], settings.eps)
+                ratios.append(torch.exp(logits - math.log(g - 1) - log_u_eps[:, None]).sum(1))  # ghat_i/(u_i+eps)
 
             # Negative side: every global anchor (detached) against this rank's negatives. Orientation:
-            # sims[1].T[i, j] = x_i . y_j for global image anchor i and local text j, so it serves the image side.
-            all_pos = (all_x * all_y).sum(1)
+            # (y @ all_x.T).T[i, j] = x_i . y_j for global image anchor i and local text j: the image side.
+            sims = (y @ p.all_x.T, x @ p.all_y.T)
+            all_pos = (p.all_x * p.all_y).sum(1)
             if v2:
-                all_tau_old = shared[:, -2:]
+                all_tau_old = p.shared[:, -2:]
                 all_scale = 1 / all_tau_old
             else:
                 paper_v3 = settings.version == "v3" and settings.tau_gradient == "paper"
@@ -212,20 +241,26 @@ class FastClipObjective(Objective):
             log_weight = math.log(g / (b * (g - 1)))  # G/B: the ranks' means over their B negatives sum to one mean
             negative_ratios = []
             for m in range(2):
-                logits = all_scale[:, m, None] * (sims[1 - m].T - all_pos[:, None])
-                logits = logits.masked_fill(positives.T, -math.inf)
-                all_log_u_eps = log_plus_eps(shared[:, m], settings.eps)
+                logits = all_scale[:, m, None] * (sims[m].T - all_pos[:, None])
+                logits = logits.masked_fill(p.positives.T, -math.inf)
+                all_log_u_eps = log_plus_eps(p.shared[:, m], settings.eps)
                 negative_ratios.append(torch.exp(logits + log_weight - all_log_u_eps[:, None]).sum(1))
 
             if v2 and settings.tau_gradient == "paper":
-                ratios = [r * tau_old[:, m] for m, r in enumerate(ratios)]
+                ratios = [r * p.tau_old[:, m] for m, r in enumerate(ratios)]
                 negative_ratios = [r * all_tau_old[:, m] for m, r in enumerate(negative_ratios)]
             loss = 0.5 * ((ratios[0] + ratios[1]).mean() + (negative_ratios[0] + negative_ratios[1]).mean())
             if settings.version == "v3":
                 s = logit_scale.float()
-                loss = loss / s.detach() + settings.rho / s + 0.5 * (log_u[0] + log_u[1]).mean() / s
-        tau = tau_old.mean() if v2 else 1 / logit_scale.detach().float()
+                loss = loss / s.detach() + settings.rho / s + 0.5 * (p.log_u[:, 0] + p.log_u[:, 1]).mean() / s
+        tau = p.tau_old.mean() if v2 else 1 / logit_scale.detach().float()
         return ObjectiveOutput(loss, {"loss": loss.detach(), "gamma": self.gamma, "tau": tau})
+
+    def _scale(self, logit_scale: torch.Tensor, tau_old: torch.Tensor) -> torch.Tensor:
+        """(B, 2): each anchor's scale per modality: v2's per-sample 1/tau, else the model's s."""
+        if self.settings.version == "v2":
+            return 1 / tau_old
+        return logit_scale.float().expand(tau_old.shape[0], 2)
 
     def _tau_gradient(self, terms: torch.Tensor, logits: torch.Tensor, log_u_eps: torch.Tensor) -> torch.Tensor:
         """v2: d/dtau_i [tau_i (log g_i + rho)] for every anchor, with g estimated by the updated u, clipped to [-5, 5]:

@@ -29,7 +29,7 @@ class SigLipObjective(Objective):
             model.logit_scale.fill_(self.settings.init_logit_scale)
             model.logit_bias.fill_(self.settings.init_logit_bias)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, indices=None) -> ObjectiveOutput:
+    def loss(self, image_features, text_features, logit_scale, logit_bias, indices, prepared) -> ObjectiveOutput:
         if logit_bias is None:
             raise ValueError("siglip needs the model's logit_bias")
         with fp32_logits(image_features.device):
@@ -38,7 +38,8 @@ class SigLipObjective(Objective):
             logits = logit_scale.float() * x @ all_y.T + logit_bias.float()
             b = x.shape[0]
             signs = -torch.ones_like(logits)
-            signs[torch.arange(b), torch.arange(b) + self.world.rank * b] = 1.0
+            rows = torch.arange(b, device=logits.device)
+            signs[rows, rows + self.world.rank * b] = 1.0
             loss = -F.logsigmoid(signs * logits).sum() / b
         return ObjectiveOutput(loss, {"loss": loss.detach(), "logit_scale": logit_scale.detach(),
                                       "logit_bias": logit_bias.detach()})

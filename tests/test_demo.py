@@ -321,6 +321,46 @@ def test_a_heldout_split_the_manifest_miscounts_or_lost_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The stage CLIs' demo flags
+
+
+def _cli_args(cli, *argv: str):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@needs_animal
+def test_evaluate_write_datasets_from_ingest_reads_the_manifest(tmp_path, capsys):
+    from components.evaluate import cli as evaluate_cli
+
+    manifest = (tmp_path / "ingest" / MANIFEST).as_uri()
+    write_manifest(manifest, RAW_SHARDS, {"shards": []})
+    args = ("--write-datasets", "-o", (tmp_path / "bench").as_uri(), "--from-ingest", manifest)
+    assert evaluate_cli.run(_cli_args(evaluate_cli, *args)) == 1
+    assert "not a demo ingest" in capsys.readouterr().err
+    heldout = _publish_heldout(sources.animal_mnist_items()[:4], tmp_path / "heldout")
+    write_manifest(manifest, RAW_SHARDS, {"shards": [], "demo": {"heldout": heldout}})
+    assert evaluate_cli.run(_cli_args(evaluate_cli, *args)) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == {"animal_mnist": 4}
+
+
+def test_ingest_demo_without_any_source_fails_naming_what_to_install(tmp_path, capsys, monkeypatch):
+    from components.ingest import cli as ingest_cli
+
+    def missing(seed: int):
+        raise sources.SourceUnavailable("not installed here")
+
+    for name in sources.SOURCES:
+        monkeypatch.setitem(sources.SOURCES, name, missing)
+    assert ingest_cli.run(_cli_args(ingest_cli, "--demo", "-o", (tmp_path / "out").as_uri())) == 1
+    assert "no demo source is installed" in capsys.readouterr().err
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Who imports whom
 
 

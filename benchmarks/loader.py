@@ -33,7 +33,7 @@ from open_clip.transform import image_transform
 from open_clip_train.data import get_wds_dataset
 
 from components.common import store
-from components.ingest.demo import ingest_demo
+from components.demo.dataset import ingest_demo
 from components.ingest.options import IngestOptions
 from components.preprocess.options import PreprocessOptions
 from components.preprocess.preprocess import preprocess

@@ -9,7 +9,7 @@
 Data: made once, in this run, by the real stages from the offline demo source (as in ``benchmarks/loader.py``):
 ``ingest_demo`` (--per-source images per source, raw JPEGs at --raw-side px, 10 % per source held out) and
 ``preprocess`` at 16 and 32 px, into a file:// temp dir. The benchmarks are the held-out split, written by
-``components.evaluate.benchmark_data.benchmarks_from_heldout`` (never trained on): animal_mnist, emoji_groups and
+``components.demo.benchmarks.benchmarks_from_heldout`` (never trained on): animal_mnist, emoji_groups and
 openclipart (zero-shot classification) and emoji_names (retrieval).
 
 Part 1, objectives at small batch. For each objective x global batch (--batches) x seed (0 .. --seeds-1) the trainer
@@ -87,9 +87,9 @@ from trainer import MODELS, quiet_fds  # noqa: E402
 from components.common import store  # noqa: E402
 from components.common.config import load  # noqa: E402
 from components.common.recipe import Recipe  # noqa: E402
-from components.evaluate.benchmark_data import benchmarks_from_heldout  # noqa: E402
+from components.demo.benchmarks import benchmarks_from_heldout  # noqa: E402
+from components.demo.dataset import ingest_demo  # noqa: E402
 from components.evaluate.evaluate import evaluate  # noqa: E402
-from components.ingest.demo import ingest_demo  # noqa: E402
 from components.ingest.options import IngestOptions  # noqa: E402
 from components.preprocess.options import PreprocessOptions  # noqa: E402
 from components.preprocess.preprocess import preprocess  # noqa: E402
@@ -132,7 +132,7 @@ def make_data(root: Path, per_source: int, raw_side: int, workers: int) -> dict[
         prepared = preprocess(store.join(ingest_uri, "manifest.json"), train_uri,
                               PreprocessOptions(resolutions=RESOLUTIONS, shard_size=SHARD_SIZE,
                                                 min_image_side=min(RESOLUTIONS), min_shards=max(1, workers)))
-        benches = benchmarks_from_heldout(ingest_uri, (root / "benchmarks").as_uri())
+        benches = benchmarks_from_heldout(ingested, (root / "benchmarks").as_uri())
     return {"manifest": store.join(train_uri, "manifest.json"), "num_samples": prepared["num_samples"],
             "sources": ingested.get("demo", {}).get("sources"), "seconds": time.perf_counter() - t0,
             "benchmarks": {name: b["uri"] for name, b in sorted(benches.items())}}

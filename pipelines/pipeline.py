@@ -179,7 +179,7 @@ def evaluate(model: Input[Artifact], raw: Input[Artifact], eval_datasets: str, r
         ingested = json.load(f)
     datasets = [d.strip() for d in eval_datasets.split(",") if d.strip()]
     doc = steps.evaluate_step(trained["model"], run_prefix.rstrip("/") + "/evaluate", datasets=datasets,
-                              demo_ingest_prefix=ingested["prefix"] if ingested["demo"] else None,
+                              demo_ingest_manifest=ingested["manifest"] if ingested["demo"] else None,
                               training_log=trained["log"])
     with open(evaluation.path, "w") as f:
         json.dump(doc, f)

@@ -92,7 +92,7 @@ def ingest_step(url_list: str, run_prefix: str, *, demo_limit: int, seed: int, p
     output = ingest_prefix(run_prefix, part, parts)
     piece = (part, parts) if parts > 1 else None
     if url_list == DEMO_SOURCE:
-        from components.ingest.demo import ingest_demo
+        from components.demo.dataset import ingest_demo
 
         # Every part builds the same demo (same seed) and publishes the same held-out split; it ingests its part.
         doc = ingest_demo(output, IngestOptions(**DEMO_INGEST, **_ingest_processes(), **safety),
@@ -107,10 +107,10 @@ def merge_ingest_step(run_prefix: str, parts: int, demo: bool) -> dict[str, Any]
     from components.ingest.ingest import MANIFEST, merge_parts
 
     output = ingest_prefix(run_prefix)
+    # The held-out split (demo) is the same in every part: the merged manifest names part 0's, the one evaluated.
     doc = merge_parts([store.join(ingest_prefix(run_prefix, k, parts), MANIFEST) for k in range(parts)], output)
-    # The held-out split (demo) is the same in every part; part 0's is the one evaluated.
-    return {"status": "done", "manifest": store.join(output, MANIFEST), "prefix": ingest_prefix(run_prefix, 0, parts),
-            "counts": doc["counts"], "demo": demo, "parts": parts}
+    return {"status": "done", "manifest": store.join(output, MANIFEST), "prefix": output, "counts": doc["counts"],
+            "demo": demo, "parts": parts}
 
 
 def _preprocess_options(recipe: Recipe):
@@ -228,17 +228,19 @@ def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float
     return out
 
 
-def evaluate_step(model_manifest: str, output: str, *, datasets: list[str], demo_ingest_prefix: str | None,
+def evaluate_step(model_manifest: str, output: str, *, datasets: list[str], demo_ingest_manifest: str | None,
                   training_log: str | None) -> dict[str, Any]:
-    """Zero-shot evaluation of the exported model on ``datasets`` plus, for a demo run, the demo's held-out split."""
-    from components.evaluate.benchmark_data import benchmarks_from_heldout
+    """Zero-shot evaluation of the exported model on ``datasets`` plus, for a demo run, the demo's held-out split
+    that ``demo_ingest_manifest`` (the ingest's RAW_SHARDS manifest) names."""
+    from components.demo.benchmarks import benchmarks_from_heldout
     from components.evaluate.evaluate import evaluate
     from components.train.export import MODEL
 
     started = time.time()
     uris = list(datasets)
-    if demo_ingest_prefix:
-        uris += [b["uri"] for b in benchmarks_from_heldout(demo_ingest_prefix, store.join(output, "datasets")).values()]
+    if demo_ingest_manifest:
+        written = benchmarks_from_heldout(demo_ingest_manifest, store.join(output, "datasets"))
+        uris += [b["uri"] for b in written.values()]
     if not uris:
         raise StepError("no evaluation dataset: give eval_datasets (CLIP_benchmark webdataset prefixes) or train on "
                         "the demo source, whose held-out split is evaluated")

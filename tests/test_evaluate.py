@@ -14,7 +14,6 @@ import tarfile
 
 import numpy as np
 import open_clip
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,12 +22,11 @@ from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from PIL import Image
 
 from components.common import store
+from components.demo.benchmarks import benchmarks_from_sources
 from components.evaluate import metrics as M
 from components.evaluate.benchmark_data import (
     BenchmarkDataError,
     NewSample,
-    benchmarks_from_heldout,
-    benchmarks_from_sources,
     iter_samples,
     open_benchmark,
     write_benchmark,
@@ -181,28 +179,6 @@ def test_evaluate_end_to_end(any_prefix):
     assert "animal_mnist" in store.get_bytes(store.join(any_prefix, "eval", "summary.md")).decode()
 
 
-def test_benchmarks_from_the_published_heldout_split(tmp_path):
-    from components.ingest.demo_source import animal_mnist_items
-
-    items = animal_mnist_items()[:12]
-    demo = tmp_path / "demo"
-    (demo / "heldout").mkdir(parents=True)
-    with tarfile.open(demo / "heldout" / "images.tar", "w") as tar:
-        for item in items:
-            item.write(tmp_path / "img.png")
-            tar.add(tmp_path / "img.png", arcname=item.name)
-    pd.DataFrame({"url": ["http://x"] * len(items), "caption": [i.caption for i in items],
-                  "source": [i.source for i in items], "label": [i.label for i in items],
-                  "group": [i.group for i in items], "path": ["/gone"] * len(items),
-                  "image": [i.name for i in items]}).to_parquet(demo / "heldout" / "heldout.parquet")
-    written = benchmarks_from_heldout(str(demo), str(tmp_path / "bench"))
-    bench = open_benchmark(written["animal_mnist"]["uri"])
-    labels = [s.label for s in iter_samples(bench)]
-    assert labels == [bench.classnames.index(i.label) for i in items]
-    with pytest.raises(BenchmarkDataError, match="ingest --demo"):
-        benchmarks_from_heldout(str(tmp_path / "nothing"), str(tmp_path / "bench2"))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input
 
@@ -255,7 +231,7 @@ def test_a_trained_tiny_model_is_far_above_chance_on_held_out_animals(tmp_path):
     import hashlib
 
     from components.common.recipe import ObjectiveSpec
-    from components.ingest.demo_source import ANIMAL_CLASSES, animal_mnist_arrays
+    from components.demo.sources import ANIMAL_CLASSES, animal_mnist_arrays
     from components.train.objectives import ObjectiveContext, build_objective
 
     written = benchmarks_from_sources((tmp_path / "bench").as_uri(), sources=["animal_mnist"], limit=None,

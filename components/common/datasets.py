@@ -19,7 +19,9 @@ Training shards (preprocess -> train): one tar per shard, samples in dense-index
 Manifests are JSON written last (``components.common.manifest``), so their presence means the data is complete:
 
     RAW_SHARDS    {"shards": [{"uri", "samples"}], "counts": {"total", "success", "failed": {reason: n}},
-                   "duration_s", "images_per_s", "options": {...}}
+                   "duration_s", "images_per_s", "options": {...}}, and after a demo ingest (components/demo)
+                   "demo": {"seed", "limit_per_source", "heldout_fraction", "sources", "skipped_sources",
+                            "heldout": {"parquet", "images", "samples"}}: where its held-out split is
     TRAIN_SHARDS  {"num_samples": N, "shards": [{"uri", "samples", "first_index", "sha256"}],
                    "resolutions": [S, ...], "rejected": {reason: n}, "sizes_uri": ".../sizes.json"}
 """

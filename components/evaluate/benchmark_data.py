@@ -10,12 +10,14 @@
 The dataset is a local path, file:// or s3:// prefix. Shards are streamed with webdataset over the object store.
 Samples are decoded here from their raw bytes by extension (image, integer, text) and nothing else: a shard is data,
 never code, so no member is ever unpickled.
+
+Only the format lives here: the offline demo's benchmarks (components/demo/benchmarks.py) use this writer, and
+nothing in evaluate knows the demo.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -32,7 +34,6 @@ TEMPLATES = "zeroshot_classification_templates.txt"
 DATASET_TYPE = "dataset_type.txt"
 NSHARDS = "nshards.txt"
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
-log = logging.getLogger(__name__)
 
 
 class BenchmarkDataError(ValueError):
@@ -226,147 +227,3 @@ def _write_tar(path: Path, samples: list[NewSample]) -> None:
                 info = tarfile.TarInfo(f"{s.key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The offline benchmarks: the demo's held-out split (disjoint from what ingest_demo trains on), in this layout
-
-# Prompts per source, written as the dataset's zeroshot_classification_templates.txt.
-DEMO_TEMPLATES = {
-    "animal_mnist": ("a photo of a {c}.", "a silhouette of a {c}.", "a drawing of a {c}.",
-                     "a black and white picture of a {c}.", "the shape of a {c}."),
-    "emoji_groups": ("an emoji of {c}.", "{c} emoji.", "an icon of {c}.", "a picture of {c}."),
-    "openclipart": ("a drawing of {c}.", "clip art of {c}.", "an illustration of {c}.", "a picture of {c}."),
-}
-HELDOUT_COLUMNS = ("source", "label", "group", "caption", "image")
-
-
-def benchmarks_from_heldout(demo_prefix: str, output_prefix: str) -> dict[str, dict]:
-    """Write the benchmarks from the held-out split that ``clipline ingest --demo`` published under ``demo_prefix``."""
-    import pandas as pd
-
-    from components.ingest.demo import HELDOUT
-
-    with tempfile.TemporaryDirectory(prefix="clipline-heldout-") as tmp:
-        parquet, images = Path(tmp) / "heldout.parquet", Path(tmp) / "images.tar"
-        for uri, path in ((store.join(demo_prefix, HELDOUT, "heldout.parquet"), parquet),
-                          (store.join(demo_prefix, HELDOUT, "images.tar"), images)):
-            try:
-                store.get_file(uri, path)
-            except store.ObjectNotFound:
-                raise BenchmarkDataError(f"no demo held-out split at {demo_prefix}: {uri} is missing "
-                                         "(run `clipline ingest --demo` first)") from None
-        table = pd.read_parquet(parquet)
-        missing = [c for c in HELDOUT_COLUMNS if c not in table.columns]
-        if missing:
-            raise BenchmarkDataError(f"{demo_prefix}/{HELDOUT}/heldout.parquet lacks columns {missing}")
-        with tarfile.open(images) as tar:
-            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-    absent = sorted(set(table["image"]) - set(files))
-    if absent:
-        raise BenchmarkDataError(f"{demo_prefix}/{HELDOUT}/images.tar lacks {len(absent)} images, e.g. {absent[:3]}")
-    rows = table[list(HELDOUT_COLUMNS)].to_dict("records")
-    return write_demo_benchmarks(rows, files, output_prefix)
-
-
-def benchmarks_from_sources(
-    output_prefix: str, *, seed: int = 0, limit: int | None = None, heldout_fraction: float = 0.1,
-    sources: Iterable[str] | None = None,
-) -> dict[str, dict]:
-    """Write the benchmarks straight from the installed demo sources, for when no ingest ran.
-
-    Same held-out split as ``ingest_demo`` with the same seed, limit and fraction, so the images are the ones
-    a model trained on that demo never saw."""
-    import zlib
-
-    import numpy as np
-
-    from components.ingest.demo import split_source
-    from components.ingest.demo_source import SOURCES, SourceUnavailable
-
-    rows, files = [], {}
-    with tempfile.TemporaryDirectory(prefix="clipline-heldout-") as tmp:
-        for source in sources or SOURCES:
-            try:
-                items = SOURCES[source](seed)
-            except SourceUnavailable as exc:
-                log.warning("benchmark source skipped: %s", exc)
-                continue
-            # The generator must be derived exactly as build_demo derives it, or the split would differ.
-            rng = np.random.default_rng([seed, zlib.crc32(source.encode())])
-            _, heldout = split_source(items, limit=limit, heldout_fraction=heldout_fraction, rng=rng)
-            for item in heldout:
-                path = Path(tmp) / item.name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                item.write(path)
-                files[item.name] = path.read_bytes()
-                rows.append({"source": item.source, "label": item.label, "group": item.group,
-                             "caption": item.caption, "image": item.name})
-    if not rows:
-        raise BenchmarkDataError("no demo source is installed, so there is nothing to build benchmarks from")
-    return write_demo_benchmarks(rows, files, output_prefix)
-
-
-def write_demo_benchmarks(rows: list[dict], files: dict[str, bytes], output_prefix: str) -> dict[str, dict]:
-    """One dataset per task the held-out rows support; returns name -> what write_benchmark returned.
-
-    animal_mnist   classification, the 10 animals
-    emoji_groups   classification by emoji group (Smileys & Emotion, Flags, ...)
-    emoji_names    retrieval: each emoji with its CLDR name and its demo caption as captions
-    openclipart    classification by top-level category (the uncategorised "unsorted" ones left out)"""
-    from components.ingest.demo_source import ANIMAL_CLASSES
-
-    by_source: dict[str, list[dict]] = {}
-    for row in rows:
-        by_source.setdefault(row["source"], []).append(row)
-    out: dict[str, dict] = {}
-
-    def classification(name: str, chosen: list[dict], classnames: tuple[str, ...], class_of) -> None:
-        if not chosen:
-            return
-        index = {c: i for i, c in enumerate(classnames)}
-        samples = (NewSample(key=f"{i:06d}", image=files[r["image"]], image_ext=_ext(r["image"]),
-                             label=index[class_of(r)]) for i, r in enumerate(chosen))
-        out[name] = write_benchmark(store.join(output_prefix, name), samples, task="zeroshot_classification",
-                                    classnames=classnames, templates=DEMO_TEMPLATES[name])
-
-    classification("animal_mnist", by_source.get("animal_mnist", []), ANIMAL_CLASSES, lambda r: r["label"])
-    emoji = by_source.get("emoji", [])
-    groups = tuple(sorted({r["group"].lower() for r in emoji}))
-    classification("emoji_groups", emoji, groups, lambda r: r["group"].lower())
-    clipart = [r for r in by_source.get("openclipart", []) if r["group"] != "unsorted"]
-    categories = tuple(sorted({_readable(r["group"]) for r in clipart}))
-    classification("openclipart", clipart, categories, lambda r: _readable(r["group"]))
-    if emoji:
-        names = _emoji_names()
-        samples = (NewSample(key=f"{i:06d}", image=files[r["image"]], image_ext=_ext(r["image"]),
-                             captions=tuple(dict.fromkeys(c for c in (names.get(r["image"]), r["caption"]) if c)))
-                   for i, r in enumerate(emoji))
-        out["emoji_names"] = write_benchmark(store.join(output_prefix, "emoji_names"), samples,
-                                             task="zeroshot_retrieval")
-    return out
-
-
-def _ext(name: str) -> str:
-    ext = name.rsplit(".", 1)[-1].lower()
-    if ext not in IMAGE_EXTENSIONS:
-        raise BenchmarkDataError(f"{name}: not a .{', .'.join(IMAGE_EXTENSIONS)} image")
-    return ext
-
-
-def _readable(category: str) -> str:
-    return category.replace("_", " ")
-
-
-def _emoji_names() -> dict[str, str]:
-    """Image name (as the emoji source names its files) -> the emoji's CLDR name, from Unicode's emoji-test.txt."""
-    from components.ingest.demo_source import EMOJI_LINE, EMOJI_TEST
-
-    if not EMOJI_TEST.is_file():
-        return {}
-    names = {}
-    for line in EMOJI_TEST.read_text(encoding="utf-8").splitlines():
-        if m := EMOJI_LINE.match(line):
-            codepoints = [int(c, 16) for c in m.group(1).split()]
-            names[f"emoji/{'_'.join(f'{c:x}' for c in codepoints)}.png"] = m.group(2).strip()
-    return names

@@ -1,11 +1,15 @@
 """``clipline evaluate``: the arguments and the handler, for pipelines/cli.py to mount as a subcommand.
 
     clipline evaluate --model NAME_OR_CONFIG_JSON [--checkpoint URI] --dataset URI [--dataset URI ...] --output PREFIX
-    clipline evaluate --write-datasets --output PREFIX [--demo-heldout INGEST_PREFIX]
+    clipline evaluate --write-datasets --output PREFIX [--from-ingest INGEST_MANIFEST_URI]
 
 The first evaluates and prints the metrics' URI and the headline numbers as JSON; the second writes the offline
-benchmarks (from the held-out split ``clipline ingest --demo`` published, or else straight from the installed
-sources with the same seed split) and prints their URIs. Exits 1 with the reason on stderr on failure.
+benchmarks (from the held-out split ``clipline ingest --demo`` published, found through the manifest it printed, or
+else straight from the installed sources with the same seeded split) and prints their URIs. Exits 1 with the reason
+on stderr on failure.
+
+The benchmarks are the demo's (components/demo/benchmarks.py): ``run`` imports them only for ``--write-datasets``,
+the one place evaluate reaches the demo package, which itself depends on evaluate's benchmark writer.
 """
 
 from __future__ import annotations
@@ -40,25 +44,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--training-log", help="JSON-lines training log (path or URI) whose curves the report shows")
     wr = parser.add_argument_group("write datasets", "write the offline benchmark datasets under --output")
     wr.add_argument("--write-datasets", action="store_true", help="write the benchmarks instead of evaluating")
-    wr.add_argument("--demo-heldout", help="output prefix of `clipline ingest --demo` (default: build from the "
-                                           "installed sources with the split below)")
+    wr.add_argument("--from-ingest", metavar="INGEST_MANIFEST_URI",
+                    help="the manifest `clipline ingest --demo` printed (<its output>/manifest.json): write the "
+                         "held-out split it published (default: build from the installed sources with the split "
+                         "below)")
     wr.add_argument("--demo-seed", type=int, default=0, help="seed of the held-out split (default: %(default)s)")
     wr.add_argument("--demo-limit", type=int, help="images per source before the split (default: all)")
     wr.add_argument("--demo-heldout-fraction", type=float, default=0.1, help="default: %(default)s")
 
 
 def run(args: argparse.Namespace) -> int:
-    from components.evaluate.benchmark_data import BenchmarkDataError, benchmarks_from_heldout, benchmarks_from_sources
+    from components.evaluate.benchmark_data import BenchmarkDataError
     from components.evaluate.evaluate import METRICS_FILE, EvaluateError, evaluate
-    from components.ingest.demo_source import SourceUnavailable
 
     try:
         if args.write_datasets:
             if args.model or args.dataset:
                 print("clipline evaluate: --write-datasets takes no --model or --dataset", file=sys.stderr)
                 return 2
-            if args.demo_heldout:
-                written = benchmarks_from_heldout(args.demo_heldout, args.output)
+            if args.demo_limit is not None and args.demo_limit < 1 or not 0.0 <= args.demo_heldout_fraction < 1.0:
+                print("clipline evaluate: --demo-limit must be at least 1 and --demo-heldout-fraction in [0, 1)",
+                      file=sys.stderr)
+                return 2
+            from components.demo.benchmarks import benchmarks_from_heldout, benchmarks_from_sources
+
+            if args.from_ingest:
+                written = benchmarks_from_heldout(args.from_ingest, args.output)
             else:
                 written = benchmarks_from_sources(args.output, seed=args.demo_seed, limit=args.demo_limit,
                                                   heldout_fraction=args.demo_heldout_fraction)
@@ -71,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         doc = evaluate(args.model, args.dataset, args.output, checkpoint=args.checkpoint,
                        batch_size=args.batch_size, device=args.device, text_length=args.text_length,
                        training_log=args.training_log)
-    except (EvaluateError, BenchmarkDataError, SourceUnavailable, store.StoreError) as exc:
+    except (EvaluateError, BenchmarkDataError, store.StoreError) as exc:
         print(f"clipline evaluate: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"metrics": store.join(args.output, METRICS_FILE),

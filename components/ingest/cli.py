@@ -5,6 +5,9 @@
 
 Option flags override ``--config`` (an IngestOptions YAML); flags not given keep the config's or the defaults.
 Prints the manifest's URI and a summary as JSON on stdout; exits 1 with the reason on stderr when ingest fails.
+
+``--demo`` is the demo package's (components/demo/dataset.py: it builds the URL list and calls ingest, so it depends
+on ingest): ``run`` imports it only when the flag is given, the one place ingest reaches the demo package.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ from typing import get_args
 
 from components.common import store
 from components.common.config import load, load_yaml
-from components.ingest.demo_source import SourceUnavailable
-from components.ingest.ingest import MANIFEST, IngestError
+from components.ingest.ingest import MANIFEST, IngestError, ingest
 from components.ingest.options import IngestOptions, InputFormat, ResizeMode
 from components.ingest.url_list import UrlListError
 
@@ -104,18 +106,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     options = options_from_args(args)
     try:
-        if args.demo:
-            from components.ingest.demo import ingest_demo
-
-            doc = ingest_demo(args.output, options, limit=args.demo_limit, seed=args.demo_seed,
-                              heldout_fraction=args.demo_heldout, workdir=args.demo_dir)
-        else:
-            from components.ingest.ingest import ingest
-
-            doc = ingest(args.url_list, args.output, options)
-    except (IngestError, UrlListError, SourceUnavailable) as exc:
+        doc = _ingest_demo(args, options) if args.demo else ingest(args.url_list, args.output, options)
+    except (IngestError, UrlListError) as exc:
         print(f"clipline ingest: {exc}", file=sys.stderr)
         return 1
     summary = {k: doc[k] for k in ("counts", "success_rate", "duration_s", "images_per_s")}
     print(json.dumps({"manifest": store.join(args.output, MANIFEST), "shards": len(doc["shards"]), **summary}))
     return 0
+
+
+def _ingest_demo(args: argparse.Namespace, options: IngestOptions) -> dict:
+    from components.demo.dataset import ingest_demo
+    from components.demo.sources import SourceUnavailable
+
+    try:
+        return ingest_demo(args.output, options, limit=args.demo_limit, seed=args.demo_seed,
+                           heldout_fraction=args.demo_heldout, workdir=args.demo_dir)
+    except SourceUnavailable as exc:  # no demo source installed: this ingest cannot run, like a bad URL list
+        raise IngestError(str(exc)) from None

@@ -1,19 +1,21 @@
-"""The demo dataset: pick images from the offline sources, hold out a split fixed by the seed, serve the rest over
-loopback HTTP and ingest that URL list like any other.
+"""The demo ingest: build the demo from the offline sources (``split.py`` decides which images are held out), serve
+the training images over loopback HTTP and ingest that URL list like any other, after publishing the held-out split.
 
 Under the output prefix, next to what ``ingest`` writes:
 
     heldout/heldout.parquet   url, caption, source, label, group, path (local file at build time), image (name in tar)
     heldout/images.tar        the held-out image files, named by the ``image`` column (for evaluation elsewhere)
+
+The RAW_SHARDS manifest gets a ``demo`` section with the split's parameters, the counts per source and
+``"heldout": {"parquet": URI, "images": URI, "samples": n}``: that section, not the layout above, is where
+evaluation finds the held-out split (``benchmarks.benchmarks_from_heldout``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import tarfile
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,12 +24,11 @@ import numpy as np
 import pandas as pd
 
 from components.common import store
-from components.ingest.demo_source import INSTALL_HINTS, SOURCES, DemoItem, SourceUnavailable
+from components.demo.sources import INSTALL_HINTS, SOURCES, DemoItem, SourceUnavailable
+from components.demo.split import Split, split_sources
 from components.ingest.http_server import FileServer, serve_directory
 from components.ingest.ingest import ingest
 from components.ingest.options import IngestOptions
-
-log = logging.getLogger(__name__)
 
 HELDOUT = "heldout"
 TRAIN_COLUMNS = ("url", "caption", "source", "label", "group")
@@ -35,37 +36,10 @@ EXTRA_COLUMNS = ("source", "label", "group")  # kept in every sample's .json for
 
 
 @dataclass(frozen=True)
-class DemoSet:
+class DemoSet(Split):
+    """The split with its images written under ``image_dir``, the training items interleaved across sources."""
+
     image_dir: Path
-    train: list[DemoItem]
-    heldout: list[DemoItem]
-    skipped: dict[str, str]  # source -> why it is missing
-
-
-def stratified_pick(items: Sequence[DemoItem], k: int, rng: np.random.Generator) -> list[DemoItem]:
-    """k items spread over labels in proportion to their sizes (each label gets the floor or ceiling of its share).
-
-    Items are ordered label by label, shuffled within each label, and sampled at evenly spaced positions."""
-    if k >= len(items):
-        return list(items)
-    by_label: dict[str, list[DemoItem]] = {}
-    for item in items:
-        by_label.setdefault(item.label, []).append(item)
-    ordered: list[DemoItem] = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        ordered += [group[i] for i in rng.permutation(len(group))]
-    return [ordered[int((i + 0.5) * len(ordered) / k)] for i in range(k)]
-
-
-def split_source(
-    items: Sequence[DemoItem], *, limit: int | None, heldout_fraction: float, rng: np.random.Generator
-) -> tuple[list[DemoItem], list[DemoItem]]:
-    """(train, heldout) for one source: cap it at ``limit``, then hold out a label-stratified fraction."""
-    chosen = stratified_pick(items, limit, rng) if limit is not None else list(items)
-    heldout = stratified_pick(chosen, round(len(chosen) * heldout_fraction), rng)
-    held = {item.name for item in heldout}
-    return [item for item in chosen if item.name not in held], heldout
 
 
 def build_demo(
@@ -73,35 +47,17 @@ def build_demo(
     sources: Sequence[str] = tuple(SOURCES),
 ) -> DemoSet:
     """Choose the demo's items (``limit`` per source) and write their images under ``image_dir``."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 image per source, got {limit}")
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    train, heldout, skipped = [], [], {}
-    for source in sources:
-        try:
-            items = SOURCES[source](seed)
-        except SourceUnavailable as exc:
-            log.warning("demo source skipped: %s", exc)
-            skipped[source] = str(exc)
-            continue
-        # One generator per source, so a missing source does not change the other sources' splits.
-        rng = np.random.default_rng([seed, zlib.crc32(source.encode())])
-        src_train, src_heldout = split_source(items, limit=limit, heldout_fraction=heldout_fraction, rng=rng)
-        train += src_train
-        heldout += src_heldout
-        log.info("demo source %s: %d images available, %d for training, %d held out",
-                 source, len(items), len(src_train), len(src_heldout))
-    if not train:
+    split = split_sources(seed=seed, limit=limit, heldout_fraction=heldout_fraction, sources=sources)
+    if not split.train:
         hints = "; ".join(INSTALL_HINTS[s] for s in sources)
         raise SourceUnavailable(f"no demo source is installed ({hints})")
     # Interleave the sources, so that every shard (and every training batch) mixes them.
-    train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
-    for item in train + heldout:
+    train = [split.train[i] for i in np.random.default_rng(seed).permutation(len(split.train))]
+    for item in train + split.heldout:
         path = image_dir / item.name
         path.parent.mkdir(parents=True, exist_ok=True)
         item.write(path)
-    return DemoSet(image_dir=image_dir, train=train, heldout=heldout, skipped=skipped)
+    return DemoSet(train=train, heldout=split.heldout, skipped=split.skipped, image_dir=image_dir)
 
 
 def url_tables(demo: DemoSet, server: FileServer) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -1,4 +1,5 @@
-"""Real captioned images that install offline, for the demo: emoji, public-domain clip art and animal silhouettes.
+"""The demo's sources: real captioned images that install offline (emoji, public-domain clip art, animal
+silhouettes), each item named uniquely across sources, which is how the split and the benchmarks identify it.
 
 Each source lists its items cheaply (metadata only); an item's image is written only when ``item.write(path)`` is
 called, so a capped demo renders only what it uses. Sources and their packages:
@@ -26,7 +27,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -92,10 +93,15 @@ def emoji_items(seed: int = 0, test_file: Path = EMOJI_TEST, font_path: Path = E
             caption = template.format(name=readable, subgroup=subgroup.replace("-", " "))
             text = "".join(map(chr, codepoints))
             items.append(DemoItem(
-                source="emoji", name=f"emoji/{'_'.join(f'{c:x}' for c in codepoints)}.png", caption=caption,
-                label=subgroup, group=group, write=functools.partial(_render_emoji, text, font_path),
+                source="emoji", name=emoji_image_name(codepoints), caption=caption, label=subgroup, group=group,
+                write=functools.partial(_render_emoji, text, font_path),
             ))
     return items
+
+
+def emoji_image_name(codepoints: Sequence[int]) -> str:
+    """The emoji's image name: its code points in hex joined by "_" (the benchmarks look CLDR names up by it)."""
+    return f"emoji/{'_'.join(f'{c:x}' for c in codepoints)}.png"
 
 
 @functools.lru_cache(maxsize=2)

@@ -68,9 +68,13 @@ class HostReads:
         return counted_step
 
 
+CASES = [(o, 1) for o in OBJECTIVES] + [(OBJECTIVES[0], 2), (OBJECTIVES[5], 4)]  # clip, fastclip-v3 accumulating
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: o.get("fastclip", {}).get("version", o["name"]))
-def test_a_training_step_reads_nothing_on_the_host(objective, data, s3_prefix, monkeypatch):
+@pytest.mark.parametrize(("objective", "accumulation"), CASES,
+                         ids=[f"{o.get('fastclip', {}).get('version', o['name'])}-x{k}" for o, k in CASES])
+def test_a_training_step_reads_nothing_on_the_host(objective, accumulation, data, s3_prefix, monkeypatch):
     reads = HostReads(monkeypatch)
     steps = []
     step = loop._step
@@ -82,6 +86,7 @@ def test_a_training_step_reads_nothing_on_the_host(objective, data, s3_prefix, m
     monkeypatch.setattr(loop, "_step", reads.around(recorded))
     doc = recipe_dict(objective, stage1=128, stage2=64)
     doc["checkpoint"] = {"every_steps": None, "every_minutes": None}
+    doc["grad_accumulation"] = accumulation
     loop.train(parse_recipe(yaml.safe_dump(doc)),
                loop.RunOptions(data=data, output=store.join(s3_prefix, "train"), interactive=False, log_every=2),
                World(), torch.device("cpu"))

@@ -178,6 +178,9 @@ class Recipe(Config):
     batch_size: int = Field(gt=0)  # global batch, split evenly over the ranks
     precision: Literal["auto", "fp32", "amp_bf16"] = "auto"  # auto: amp_bf16 on CUDA, fp32 on a CPU
     grad_checkpointing: bool = False
+    # Micro-batches per optimizer step: each rank's batch runs as this many forward/backward passes with the same
+    # gradient as one (train/accumulation.py), for a global batch larger than fits in memory.
+    grad_accumulation: int = Field(1, ge=1)
     compile: Literal["auto"] | bool = "auto"  # torch.compile the model; auto: on CUDA yes, on a CPU no
     optimizer: OptimizerSpec = OptimizerSpec()
     stages: list[Stage] = Field(min_length=1, max_length=2)

@@ -13,6 +13,7 @@ rules). Checkpoints are saved every ``checkpoint.every_steps`` steps, when ``che
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -20,7 +21,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -32,8 +33,9 @@ from components.common.manifest import read_manifest
 from components.common.recipe import Recipe
 from components.train import accelerator
 from components.train import checkpoint as ckpt
+from components.train.accumulation import gradients
 from components.train.clipa import build_stage_model, switch_stage, token_counts
-from components.train.data import derive_seed, stage_loader
+from components.train.data import Batch, derive_seed, stage_loader
 from components.train.distributed import World, all_reduce_mean
 from components.train.export import export_config, export_model, manifest_uri
 from components.train.objectives import Objective, ObjectiveContext, ObjectiveOutput, build_objective
@@ -209,6 +211,7 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world.size > 1 else model
     forward = torch.compile(ddp) if accelerator.compiles(recipe, device) else ddp
+    no_sync = ddp.no_sync if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext
     loader = stage_loader(run.options.data, recipe, stage, world=world, model_image_size=stage_plan.image_size,
                           model_context_length=stage_plan.text_length)
     if loader.steps_per_epoch != plan.steps_per_epoch:
@@ -233,9 +236,7 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
         objective.on_epoch_start(stage_plan.first_epoch + epoch)
         for batch in accelerator.on_device(loader.epoch(epoch, start_step=epoch_step), device):
             lr = set_lr(optimizer, schedule_factor(current.step, stage_plan.steps, warmup_steps))
-            with autocast:
-                out = forward(batch.images, batch.texts)
-            result = _step(run, current, out, batch.indices)
+            result = _step(run, current, forward, no_sync, autocast, batch)
             current.step += 1
             interval_steps += 1
             step, global_step = current.step, plan.global_step(stage_plan.index, current.step)
@@ -272,14 +273,15 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
     }
 
 
-def _step(run: Run, current: StageState, out: dict[str, torch.Tensor], indices: torch.Tensor) -> ObjectiveOutput:
-    """The objective's loss on the model's output, backward (DDP averages the gradients), clipping, and the
-    optimizer step with the objective's temperature rules. Nothing here reads a device value on the host, so on a
-    GPU the host queues the next step while this one runs (tests/test_host_syncs.py)."""
-    result = run.objective(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
-                           indices)
+def _step(run: Run, current: StageState, forward: Callable, no_sync: Callable[[], ContextManager],
+          autocast: ContextManager, batch: Batch) -> ObjectiveOutput:
+    """Forward, the objective's loss and backward (DDP averages the gradients; micro-batches when the recipe
+    accumulates), clipping, and the optimizer step with the objective's temperature rules. Nothing here reads a
+    device value on the host, so on a GPU the host queues the next step while this one runs
+    (tests/test_host_syncs.py)."""
     current.optimizer.zero_grad(set_to_none=True)
-    result.loss.backward()
+    result = gradients(forward, run.objective, batch.images, batch.texts, batch.indices,
+                       micro_batches=run.recipe.grad_accumulation, autocast=autocast, no_sync=no_sync)
     if run.recipe.optimizer.grad_clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(current.model.parameters(), run.recipe.optimizer.grad_clip_norm)
     run.objective.optimizer_step(current.model, current.optimizer)

@@ -46,6 +46,10 @@ def check_recipe(recipe: Recipe, world_size: int, source: str = "recipe") -> Mod
     elif recipe.batch_size % world_size:
         problems.append(f"batch_size: {recipe.batch_size} does not split evenly over {world_size} ranks "
                         f"(nnodes x nproc_per_node); use a multiple of {world_size}")
+    elif recipe.batch_size % (world_size * recipe.grad_accumulation):
+        problems.append(f"batch_size: {recipe.batch_size} does not split into {world_size} ranks x "
+                        f"grad_accumulation {recipe.grad_accumulation} equal micro-batches; use a multiple of "
+                        f"{world_size * recipe.grad_accumulation}")
     sizes = model_sizes(recipe)
     for i, stage in enumerate(recipe.stages):
         key = f"stages[{i}] ({stage.name})"

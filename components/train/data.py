@@ -28,7 +28,6 @@ at most one virtual epoch of reading and decoding, split over the workers, and n
 from __future__ import annotations
 
 import bisect
-import hashlib
 import io
 import itertools
 import json
@@ -54,6 +53,7 @@ from components.common import datasets, store
 from components.common.manifest import read_manifest
 from components.common.recipe import Recipe, Stage
 from components.train.distributed import World
+from components.train.seeds import derive_seed
 from components.train.text_masks import TEXT_MASKS, text_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -154,12 +154,6 @@ class LoaderPlan:
 
     def role_steps(self, role: int) -> range:
         return range(role, self.steps_per_epoch, self.roles)
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed that depends on every part (a hash, so nearby inputs give unrelated seeds)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _split_samples(shards: Sequence[Shard], lengths: Sequence[int]) -> list[list[_Piece]]:

@@ -33,13 +33,14 @@ from components.common.manifest import read_manifest
 from components.common.recipe import Recipe
 from components.train import checkpoint as ckpt
 from components.train.clipa import build_stage_model, switch_stage, token_counts
-from components.train.data import derive_seed, stage_loader
+from components.train.data import stage_loader
 from components.train.distributed import World, all_reduce_mean
 from components.train.export import export_config, export_model, manifest_uri
 from components.train.objectives import Objective, ObjectiveContext, build_objective
 from components.train.optim import build_optimizer, schedule_factor, set_lr
 from components.train.plan import ModelSizes, StagePlan, TrainPlan, check_recipe, train_plan
 from components.train.progress import TrainLog, write_metrics
+from components.train.seeds import derive_seed
 
 log = logging.getLogger("clipline.train")
 

@@ -286,7 +286,7 @@ class StageStepper:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=BETAS, eps=EPS,
                                            weight_decay=WEIGHT_DECAY)
         self.loss = ClipLoss()
-        side = stage.image.size or self.model.visual.image_size[0]
+        side = stage.image_size(self.model.visual.image_size[0])
         _, text_length = token_counts(model_ref, stage)
         self.images = torch.randn(batch, 3, side, side)
         self.texts = torch.randint(0, 49408, (batch, text_length))

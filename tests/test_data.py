@@ -15,6 +15,7 @@ from train_shards import write_train_shards
 from components.common.recipe import parse_recipe
 from components.train.data import Batch, DataError, stage_loader, train_loader
 from components.train.distributed import World
+from components.train.plan import ModelSizes, train_plan
 from components.train.text_masks import syntax_masked_text
 
 SHARDS, PER_SHARD, RESOLUTIONS = 3, 20, (16, 32)
@@ -191,8 +192,10 @@ stages:
 data: {workers: 0, shuffle_buffer: 8}
 """)
     world = World(rank=1, size=2)
-    pretrain, finetune = (stage_loader(manifest, recipe, stage, world=world, model_image_size=32,
-                                       model_context_length=16) for stage in recipe.stages)
+    sizes = ModelSizes(image_size=32, patch_size=8, context_length=16, embed_dim=8, config={})
+    plan = train_plan(recipe, sizes, steps_per_epoch=N // 8)
+    pretrain, finetune = (stage_loader(manifest, recipe, stage, world=world, model_context_length=16)
+                          for stage in plan.stages)
     first = next(pretrain.epoch(0))
     assert first.images.shape == (4, 3, 16, 16) and first.texts.shape == (4, 8)
     assert torch.equal(first.texts[0], PLAIN(syntax_masked_text(WORDS, POS_ORDER, 8), context_length=8)[0])

@@ -35,13 +35,14 @@ from components.train import accelerator
 from components.train import checkpoint as ckpt
 from components.train.accumulation import gradients
 from components.train.clipa import build_stage_model, switch_stage, token_counts
-from components.train.data import Batch, derive_seed, stage_loader
+from components.train.data import Batch, stage_loader
 from components.train.distributed import World, all_reduce_mean
 from components.train.export import export_config, export_model, manifest_uri
 from components.train.objectives import Objective, ObjectiveContext, ObjectiveOutput, build_objective
 from components.train.optim import build_optimizer, schedule_factor, set_lr
 from components.train.plan import ModelSizes, StagePlan, TrainPlan, check_recipe, train_plan
 from components.train.progress import TrainLog, write_metrics
+from components.train.seeds import derive_seed
 
 log = logging.getLogger("clipline.train")
 
@@ -212,8 +213,8 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
         if world.size > 1 else model
     forward = torch.compile(ddp) if accelerator.compiles(recipe, device) else ddp
     no_sync = ddp.no_sync if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext
-    loader = stage_loader(run.options.data, recipe, stage, world=world, model_image_size=stage_plan.image_size,
-                          model_context_length=stage_plan.text_length)
+    loader = stage_loader(run.options.data, recipe, stage_plan, world=world,
+                          model_context_length=run.sizes.context_length)
     if loader.steps_per_epoch != plan.steps_per_epoch:
         raise TrainingError(f"loader has {loader.steps_per_epoch} steps per epoch, the plan {plan.steps_per_epoch}")
     if saved is not None:

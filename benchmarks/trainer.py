@@ -100,7 +100,7 @@ def open_clip_copy(manifest_uri: str, out: Path, workers: int, image_size: int) 
 
     Only full shards, a multiple of ``workers`` of them: open_clip_train splits shards over its data workers, and a
     worker whose shards ran out before its share of batches would end the epoch early."""
-    manifest = json.loads(store.get_bytes(manifest_uri))
+    manifest = store.get_json(manifest_uri)
     full = [s for s in manifest["shards"] if s["samples"] == SHARD_SIZE]
     full = full[: len(full) // max(1, workers) * max(1, workers)]
     if not full:

@@ -243,22 +243,23 @@ def _exit_on_sigterm(signum, frame):  # noqa: ARG001
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes, for every subcommand: 0 done; 1 the work ran and failed (bad data, a failed job or download, too
-    many rejects), the reason on stderr; 2 the command cannot run as given (arguments, recipe or config, the
-    store's settings), named on stderr before anything starts."""
+    """Exit codes, for every subcommand: components/common/exit_codes.py's rule."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from components.common.config import ConfigError
+    from components.common.device import DeviceError
     from components.common.embedded_store import EmbeddedStoreError
+    from components.common.exit_codes import USAGE, exit_code, report
     from components.common.store import StoreError
 
     try:
         return args.func(args)
-    except (ConfigError, StoreError, EmbeddedStoreError) as exc:
-        print(f"clipline {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, DeviceError, StoreError) as exc:
+        return report(args.command, exc, exit_code(exc))
+    except EmbeddedStoreError as exc:
+        return report(args.command, exc, USAGE)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def evaluate(model: Input[Artifact], raw: Input[Artifact], eval_datasets: str, r
         json.dump(doc, f)
     with open(report.path, "wb") as f:
         f.write(store.get_bytes(doc["report"]))
-    log_kfp_metrics(metrics, json.loads(store.get_bytes(doc["metrics"])))
+    log_kfp_metrics(metrics, store.get_json(doc["metrics"]))
 
 
 def promote(model: Input[Artifact], evaluation: Input[Artifact], models_prefix: str, metric: str, tolerance: float,

@@ -12,7 +12,6 @@ step's manifest); big data stays in the object store under the run prefix:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -55,12 +54,12 @@ def effective_recipe(recipe_location: str, objective: str, run_prefix: str) -> t
 def gather_url_lists_step(url_list: str, run_prefix: str, *, scratch: str | None = None,
                           batch_rows: int | None = None) -> dict[str, Any]:
     """The URL list ingest reads: ``demo`` as is, else components/ingest/gather.py's ``gather``."""
-    from components.ingest.gather import GATHER_BATCH_ROWS, GatherError, gather
+    from components.ingest.gather import GatherError, gather
 
     if url_list.strip() == DEMO_SOURCE:
         return {"status": "done", "url_list": DEMO_SOURCE, "lists": [], "gathered": False}
     try:
-        return gather(url_list, run_prefix, scratch=scratch, batch_rows=batch_rows or GATHER_BATCH_ROWS)
+        return gather(url_list, run_prefix, scratch=scratch, batch_rows=batch_rows)
     except GatherError as exc:
         raise StepError(str(exc)) from None
 
@@ -207,7 +206,7 @@ def trained(output: str, started: float) -> dict[str, Any]:
     from components.train.export import manifest_uri
     from components.train.progress import LOG_NAME, METRICS_NAME
 
-    metrics = json.loads(store.get_bytes(store.join(output, METRICS_NAME)))
+    metrics = store.get_json(store.join(output, METRICS_NAME))
     return {"status": "done", "model": manifest_uri(output), "log": store.join(output, LOG_NAME),
             "samples_seen": metrics["samples_seen"], "stages": metrics["stages"],
             "duration_s": round(time.time() - started, 2), "metrics": scalar_metrics(metrics)}
@@ -277,7 +276,7 @@ def promote_step(model_manifest: str, evaluation: dict[str, Any], models_prefix:
     to ``<models>/decisions/<time>.json``; the promoted pointer is ``<models>/latest.json``."""
     new_score = score(evaluation["results"], metric)
     latest_uri = store.join(models_prefix, LATEST)
-    current = json.loads(store.get_bytes(latest_uri)) if store.exists(latest_uri) else None
+    current = store.get_json(latest_uri) if store.exists(latest_uri) else None
     baseline = current["score"] if current and current.get("metric") == metric else None
     promote = baseline is None or new_score >= baseline - tolerance
     if current and baseline is None:
@@ -294,7 +293,6 @@ def promote_step(model_manifest: str, evaluation: dict[str, Any], models_prefix:
     if promote:
         write_manifest(latest_uri, "latest_model", {"model": model_manifest, "metric": metric, "score": new_score,
                                                     "report": evaluation.get("report")})
-    store.put_bytes(store.join(models_prefix, "decisions", f"{time.strftime('%Y%m%d-%H%M%S')}.json"),
-                    json.dumps(decision, indent=2).encode())
+    store.put_json(store.join(models_prefix, "decisions", f"{time.strftime('%Y%m%d-%H%M%S')}.json"), decision)
     log.info("promote: %s", reason)
     return decision

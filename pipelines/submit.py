@@ -238,7 +238,7 @@ def submit(host: str, *, params: dict[str, Any], experiment: str, runs_root: str
             raise SubmitError(f"no URL list ({', '.join(URL_LIST_SUFFIXES)}) under {url_lists}")
         record_uri = store.join(url_lists.rstrip("/"), SUBMITTED)
         if skip_if_unchanged and store.exists(record_uri):
-            previous = json.loads(store.get_bytes(record_uri))
+            previous = store.get_json(record_uri)
             if previous.get("lists") == lists:
                 log.info("the URL lists under %s are unchanged since %s: nothing submitted", url_lists,
                          previous.get("run_prefix"))
@@ -262,7 +262,7 @@ def submit(host: str, *, params: dict[str, Any], experiment: str, runs_root: str
     run = client.run_pipeline(experiment_id=found.experiment_id, job_name=params["run_prefix"].rsplit("/", 1)[-1],
                               params=params, pipeline_id=pipeline_id, version_id=version_id, enable_caching=False)
     if record:  # recorded only once the server accepted the run
-        store.put_bytes(record[0], json.dumps({**record[1], "run_id": run.run_id}, indent=2).encode())
+        store.put_json(record[0], {**record[1], "run_id": run.run_id})
     return {"submitted": True, "run_id": run.run_id, "experiment_id": found.experiment_id,
             "pipeline_id": pipeline_id, "version_id": version_id, "version": version, "version_uploaded": uploaded,
             "image": compiled_image, "params": params}

@@ -164,3 +164,26 @@ def test_submit_offers_what_the_retraining_cronjob_passes_and_checks_the_token_f
     result = clipline("submit", "--host", "http://127.0.0.1:9", "--namespace", "team-a", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"no token file at {tmp_path / 'no-token'}" in result.stderr
+
+
+def test_every_stage_follows_the_one_exit_code_rule(tmp_path):
+    from components.common.config import ConfigError
+    from components.common.device import DeviceError
+    from components.common.exit_codes import FAILED, USAGE, exit_code
+    from components.train.loop import TrainingError
+
+    assert [exit_code(e) for e in (ConfigError("recipe", ["k: bad"]), DeviceError("d"), store.ObjectNotFound("o"),
+                                   store.StoreError("s"))] == [USAGE] * 4
+    assert [exit_code(e) for e in (store.StoreUnavailable("gone"), TrainingError("t"), ValueError("v"))] == [FAILED] * 3
+    missing = (tmp_path / "none" / "manifest.json").as_uri()
+    out = tmp_path.as_uri()
+    for args, code, says in [
+        (("ingest", "--output", out), USAGE, "give either URL_LIST or --demo"),
+        (("evaluate", "--output", out), USAGE, "give --model and at least one --dataset"),
+        (("preprocess", "--raw-manifest", missing, "--output", out), USAGE, "none/manifest.json"),
+        (("evaluate", "--model", "tiny-clip", "--dataset", (tmp_path / "nobench").as_uri(), "--output", out),
+         FAILED, "nobench"),
+    ]:
+        result = clipline(*args)
+        assert result.returncode == code, (args, result.stderr)
+        assert f"clipline {args[0]}: " in result.stderr and says in result.stderr and "Traceback" not in result.stderr

@@ -170,7 +170,7 @@ def test_short_text_runs_in_stage1():
     assert torch.isfinite(txt).all()
 
 
-def test_switch_to_full_tokens_carries_weights():
+def test_switch_stage_to_full_tokens_carries_weights():
     # stage 2 at full tokens: the config's own image size, no mask
     stage1 = clipa.build_stage_model(TINY, ImageTokens(size=16, mask="grid"))
     with torch.no_grad():  # make the weights distinguishable from a fresh init

@@ -22,8 +22,8 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pandas as pd
 import pytest
-import webdataset as wds
 from PIL import Image
+from webdataset_reader import webdataset_samples
 
 from components.common import store
 from components.common.datasets import RAW_SHARDS
@@ -191,8 +191,7 @@ def demo_ingest(s3_server, tmp_path_factory) -> tuple[str, Path]:
 
 
 def _training_samples(doc: dict) -> list[dict]:
-    store.register_webdataset_scheme()
-    return list(wds.WebDataset([s["uri"] for s in doc["shards"]], shardshuffle=False))
+    return webdataset_samples([s["uri"] for s in doc["shards"]])
 
 
 def _image_name(url: str) -> str:

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import webdataset as wds
 from PIL import Image
+from webdataset_reader import webdataset_samples
 
 from components.common import store
 from components.common.datasets import RAW_SHARDS
@@ -106,8 +107,7 @@ def _options(**kw) -> IngestOptions:
 
 
 def _samples(shard_uris: list[str]) -> list[dict]:
-    store.register_webdataset_scheme()
-    return list(wds.WebDataset(shard_uris, shardshuffle=False))
+    return webdataset_samples(shard_uris)
 
 
 @pytest.mark.slow

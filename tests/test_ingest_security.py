@@ -13,10 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
-import webdataset as wds
 from PIL import Image
+from webdataset_reader import webdataset_samples
 
-from components.common import store
 from components.ingest import cli as ingest_cli
 from components.ingest.egress import EgressPolicy, Refused, opener
 from components.ingest.ingest import ingest
@@ -129,8 +128,7 @@ def _ingest(rows, out, tmp_path, **options):
 
 
 def _captions(doc) -> list[str]:
-    store.register_webdataset_scheme()
-    return sorted(s["txt"].decode() for s in wds.WebDataset([s["uri"] for s in doc["shards"]], shardshuffle=False))
+    return sorted(s["txt"].decode() for s in webdataset_samples([s["uri"] for s in doc["shards"]]))
 
 
 @pytest.mark.slow

@@ -14,12 +14,12 @@ from PIL import Image
 
 from components.common import datasets, store
 from components.common.manifest import write_manifest
+from components.common.tars import read_samples
 from components.preprocess import filters, nltk_data, plan, reshard
 from components.preprocess.errors import PreprocessError
 from components.preprocess.options import PreprocessOptions
 from components.preprocess.preprocess import preprocess
 from components.preprocess.syntax_mask import caption_pos
-from components.preprocess.tars import read_samples
 from components.train.text_masks import syntax_masked_text
 
 

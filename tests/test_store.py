@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 from minio import Minio
+from webdataset_reader import webdataset_samples
 
 from components.common import embedded_store, store
+from components.common.tars import read_samples
 
 MB = 1024 * 1024
 
@@ -87,8 +88,7 @@ def _tar_shard(samples: dict[str, dict[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def test_webdataset_streams_shards_from_s3(s3_prefix):
-    store.register_webdataset_scheme()
+def test_tar_shards_stream_from_s3_with_our_reader_and_webdataset(s3_prefix):
     expected = {}
     for shard in range(2):
         samples = {f"{shard:03d}{i:03d}": {"txt": f"caption {shard}-{i}".encode(), "bin": os.urandom(64)}
@@ -96,8 +96,12 @@ def test_webdataset_streams_shards_from_s3(s3_prefix):
         expected.update(samples)
         store.put_bytes(store.join(s3_prefix, f"shard-{shard:03d}.tar"), _tar_shard(samples))
     urls = [o.uri for o in store.list_objects(store.join(s3_prefix, "shard-"))]
-    got = {s["__key__"]: {"txt": s["txt"], "bin": s["bin"]} for s in wds.WebDataset(urls, shardshuffle=False)}
-    assert got == expected
+    ours = {}
+    for url in urls:
+        with store.open_read(url) as stream:
+            ours.update({s["__key__"]: {"txt": s["txt"], "bin": s["bin"]} for s in read_samples(stream, url)})
+    theirs = {s["__key__"]: {"txt": s["txt"], "bin": s["bin"]} for s in webdataset_samples(urls)}
+    assert ours == theirs == expected
 
 
 def test_missing_object_names_bucket_and_key(s3_prefix):

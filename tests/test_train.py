@@ -22,10 +22,12 @@ from train_shards import draw_shape, write_shapes_dataset
 
 from components.common import store
 from components.common.config import ConfigError
+from components.common.manifest import read_manifest
 from components.common.recipe import parse_recipe
+from components.evaluate.evaluate import load_model
 from components.train import checkpoint as ckpt
 from components.train.distributed import World
-from components.train.export import load_exported
+from components.train.export import MODEL, manifest_uri
 from components.train.loop import RunOptions, TrainingError, train
 from components.train.progress import LOG_NAME, METRICS_NAME, TENSORBOARD_DIR
 
@@ -186,8 +188,10 @@ def test_exported_model_loads_with_open_clip_and_gives_the_same_embeddings(data,
     doc = recipe_dict({"name": "siglip"}, stage1=256, stage2=128)  # siglip: the export must carry the logit bias
     output = store.join(s3_prefix, "train")
     trained = _train_here(doc, data, output)
-    loaded, preprocess = load_exported(output)
-    loaded.eval()
+    # Loaded the way the pipeline's evaluate step loads it: config and weights named by the model manifest.
+    exported = read_manifest(manifest_uri(output), MODEL)
+    loaded_model = load_model(exported["config"], exported["weights"], device="cpu")
+    loaded, preprocess = loaded_model.model, loaded_model.preprocess
     images = torch.stack([preprocess(draw_shape(i, 32)) for i in range(6)])
     texts = SimpleTokenizer(context_length=16)(["a red square", "a blue circle on a grey background", "a cat"])
     with torch.no_grad():

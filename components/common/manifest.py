@@ -5,7 +5,6 @@ A stage writes its big outputs first and its manifest last, so a manifest's pres
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -21,15 +20,15 @@ class ManifestError(ValueError):
 def write_manifest(uri: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
     """Publish a manifest of ``kind`` atomically at ``uri``; returns what was written."""
     doc = {"kind": kind, "schema_version": SCHEMA_VERSION, "created_unix": round(time.time(), 3), **body}
-    store.put_bytes(uri, json.dumps(doc, indent=2, sort_keys=True).encode())
+    store.put_json(uri, doc)
     return doc
 
 
 def read_manifest(uri: str, kind: str) -> dict[str, Any]:
     try:
-        doc = json.loads(store.get_bytes(uri))
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{uri} is not a JSON manifest: {exc}") from None
+        doc = store.get_json(uri)
+    except store.InvalidJSON as exc:
+        raise ManifestError(f"{exc} (expected a {kind} manifest)") from None
     if doc.get("kind") != kind:
         raise ManifestError(f"{uri} is a {doc.get('kind')!r} manifest, expected {kind!r}")
     if doc.get("schema_version") != SCHEMA_VERSION:

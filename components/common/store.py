@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import urllib3
@@ -66,6 +67,10 @@ class StoreError(Exception):
 
 class ObjectNotFound(StoreError):
     """The key (or its bucket) does not exist."""
+
+
+class InvalidJSON(StoreError):
+    """An object read as JSON is not JSON."""
 
 
 class StoreUnavailable(StoreError):
@@ -302,12 +307,10 @@ class _ResumableS3Reader(io.RawIOBase):
         self.pos = 0
         self.size: int | None = None
         self.resp = None
-        self._open()
+        self.backend._call("read", uri, self._open)
 
     def _open(self) -> None:
-        self.resp = self.backend._call(
-            "read", self.uri, lambda: self.backend.client.get_object(self.bucket, self.key, offset=self.pos)
-        )
+        self.resp = self.backend.client.get_object(self.bucket, self.key, offset=self.pos)
         if self.size is None:
             self.size = int(self.resp.headers.get("Content-Length", -1))
 
@@ -317,22 +320,22 @@ class _ResumableS3Reader(io.RawIOBase):
     def readinto(self, buf) -> int:
         if self.size is not None and 0 <= self.size <= self.pos:
             return 0
-        backoff = _Backoff(self.backend.settings.retry_seconds)
-        while True:
-            try:
-                n = self.resp.readinto(buf)
-                if n == 0 and self.size is not None and self.pos < self.size:
-                    raise urllib3.exceptions.ProtocolError("connection closed before the end of the object")
-                self.pos += n
-                return n
-            except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
-                self._release()
-                if not backoff.wait():
-                    raise StoreUnavailable(
-                        f"read {self.uri} at {self.backend.settings.endpoint}: connection lost at byte {self.pos} "
-                        f"and did not come back: {type(exc).__name__}"
-                    ) from None
-                self._open()
+        # A dropped connection is one more transient error for the backend's one retry policy: the next attempt
+        # reopens the object at the current offset.
+        return self.backend._call("read", self.uri, lambda: self._read_once(buf))
+
+    def _read_once(self, buf) -> int:
+        if self.resp is None:
+            self._open()
+        try:
+            n = self.resp.readinto(buf)
+            if n == 0 and self.size is not None and self.pos < self.size:
+                raise urllib3.exceptions.ProtocolError(f"connection closed at byte {self.pos} of {self.size}")
+        except BaseException:
+            self._release()
+            raise
+        self.pos += n
+        return n
 
     def _release(self) -> None:
         if self.resp is not None:
@@ -435,6 +438,21 @@ def open_write(uri: str) -> Iterator[BinaryIO]:
         os.unlink(tmp)
 
 
+def put_json(uri: str, doc: Any) -> None:
+    """Publish ``doc`` as JSON: the one format every stage's records, states and manifests are written in (indented
+    and key-sorted, so that two writes of the same document are byte-identical and a person can read them)."""
+    put_bytes(uri, json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+
+
+def get_json(uri: str) -> Any:
+    """The JSON document under ``uri``; InvalidJSON names the object when it is not JSON."""
+    data = get_bytes(uri)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"{uri} is not a JSON document: {exc}") from None
+
+
 def get_file(uri: str, path: str | os.PathLike) -> None:
     _backend(uri).get_file(uri, Path(path))
 
@@ -470,15 +488,3 @@ def ensure_bucket(uri: str) -> None:
         backend = _backend(uri)
         assert isinstance(backend, _S3Backend)
         backend.ensure_bucket(bucket)
-
-
-def register_webdataset_scheme() -> None:
-    """Let webdataset open ``s3://`` URLs through this module (streaming, retried, credentials from the env)."""
-    import webdataset
-
-    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:  # noqa: ARG001 - gopen's
-        if mode != "rb":
-            raise StoreError(f"webdataset can only read s3:// URLs here; publish shards with store.put_file ({url})")
-        return open_read(url)
-
-    webdataset.gopen_schemes["s3"] = gopen_s3

@@ -7,7 +7,8 @@
     <dataset>/<split>/0.tar, 1.tar, ...                 per sample: an image (.webp, .png or .jpg) and either
                                                         .cls (integer label) or .txt (captions, one per line)
 
-The dataset is a local path, file:// or s3:// prefix. Shards are streamed with webdataset over the object store.
+The dataset is a local path, file:// or s3:// prefix. Shards are streamed from the object store and read and written
+by the project's one tar module (components/common/tars.py, webdataset's key rule).
 Samples are decoded here from their raw bytes by extension (image, integer, text) and nothing else: a shard is data,
 never code, so no member is ever unpickled.
 
@@ -27,6 +28,7 @@ from typing import Iterable, Iterator, Literal
 from PIL import Image
 
 from components.common import store
+from components.common.tars import TarWriter, read_samples
 
 Task = Literal["zeroshot_classification", "zeroshot_retrieval"]
 CLASSNAMES = "classnames.txt"
@@ -117,14 +119,15 @@ def open_benchmark(uri: str, split: str = "test") -> Benchmark:
 
 def iter_samples(bench: Benchmark) -> Iterator[Sample]:
     """Stream the samples shard by shard, in order, checking each one."""
-    import webdataset as wds
-
-    store.register_webdataset_scheme()
     for shard in bench.shards:
         count = 0
-        for raw in wds.WebDataset(shard, shardshuffle=False):
-            yield _decode(bench, shard, raw)
-            count += 1
+        try:
+            with store.open_read(shard) as stream:
+                for raw in read_samples(stream, shard):
+                    yield _decode(bench, shard, raw)
+                    count += 1
+        except tarfile.TarError as exc:
+            raise BenchmarkDataError(f"shard {shard} of dataset {bench.name} is not a readable tar: {exc}") from None
         if count == 0:
             raise BenchmarkDataError(f"shard {shard} of dataset {bench.name} is empty")
 
@@ -216,14 +219,10 @@ def _check_new(sample: NewSample, task: Task, num_classes: int) -> None:
 
 
 def _write_tar(path: Path, samples: list[NewSample]) -> None:
-    with tarfile.open(path, "w") as tar:
+    with TarWriter(path) as tar:
         for s in samples:
-            members = {s.image_ext: s.image}
+            tar.add(f"{s.key}.{s.image_ext}", s.image)
             if s.label is not None:
-                members["cls"] = str(s.label).encode()
+                tar.add(f"{s.key}.cls", str(s.label).encode())
             if s.captions:
-                members["txt"] = "\n".join(c.replace("\n", " ") for c in s.captions).encode()
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{s.key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                tar.add(f"{s.key}.txt", "\n".join(c.replace("\n", " ") for c in s.captions).encode())

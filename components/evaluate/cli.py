@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from components.common import store
+from components.common.exit_codes import DONE, FAILED, USAGE, report
 
 # The subcommand, as pipelines/cli.py registers every stage: NAME, HELP, DESCRIPTION, add_arguments, run.
 NAME = "evaluate"
@@ -60,12 +60,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.write_datasets:
             if args.model or args.dataset:
-                print("clipline evaluate: --write-datasets takes no --model or --dataset", file=sys.stderr)
-                return 2
+                return report(NAME, "--write-datasets takes no --model or --dataset", USAGE)
             if args.demo_limit is not None and args.demo_limit < 1 or not 0.0 <= args.demo_heldout_fraction < 1.0:
-                print("clipline evaluate: --demo-limit must be at least 1 and --demo-heldout-fraction in [0, 1)",
-                      file=sys.stderr)
-                return 2
+                return report(NAME, "--demo-limit must be at least 1 and --demo-heldout-fraction in [0, 1)", USAGE)
             from components.demo.benchmarks import benchmarks_from_heldout, benchmarks_from_sources
 
             if args.from_ingest:
@@ -75,17 +72,15 @@ def run(args: argparse.Namespace) -> int:
                                                   heldout_fraction=args.demo_heldout_fraction)
             print(json.dumps({"datasets": {name: info["uri"] for name, info in written.items()},
                               "samples": {name: info["samples"] for name, info in written.items()}}))
-            return 0
+            return DONE
         if not args.model or not args.dataset:
-            print("clipline evaluate: give --model and at least one --dataset (or --write-datasets)", file=sys.stderr)
-            return 2
+            return report(NAME, "give --model and at least one --dataset (or --write-datasets)", USAGE)
         doc = evaluate(args.model, args.dataset, args.output, checkpoint=args.checkpoint,
                        batch_size=args.batch_size, device=args.device, text_length=args.text_length,
                        training_log=args.training_log)
-    except (EvaluateError, BenchmarkDataError, store.StoreError) as exc:
-        print(f"clipline evaluate: {exc}", file=sys.stderr)
-        return 1
+    except (EvaluateError, BenchmarkDataError) as exc:
+        return report(NAME, exc, FAILED)
     print(json.dumps({"metrics": store.join(args.output, METRICS_FILE),
                       "report": store.join(args.output, "report.html"),
                       "datasets": {name: r["metrics"] for name, r in doc["datasets"].items()}}))
-    return 0
+    return DONE

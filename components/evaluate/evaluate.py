@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from components.common import store
+from components.common.device import resolve_device
 from components.common.open_clip_models import register_inline, register_model_configs
 from components.evaluate import metrics as M
 from components.evaluate.benchmark_data import Benchmark, Sample, iter_samples, open_benchmark
@@ -71,7 +72,7 @@ def model_name(spec: ModelSpec) -> str:
         config = json.loads(spec)
     else:
         try:
-            config = json.loads(store.get_bytes(spec))
+            config = store.get_json(spec)
         except store.ObjectNotFound:
             raise EvaluateError(f"model config {spec} is missing") from None
     config = config.get("model_cfg", config)  # open_clip's own open_clip_config.json nests it
@@ -79,12 +80,6 @@ def model_name(spec: ModelSpec) -> str:
     if missing:
         raise EvaluateError(f"model config lacks {missing}: {json.dumps(config)[:200]}")
     return register_inline(config)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_model(spec: ModelSpec, checkpoint: str | None, device: str = "auto",
@@ -308,6 +303,6 @@ def evaluate(model_spec: ModelSpec, datasets: list[str], output_prefix: str, *, 
                 notes.append(f"{bench.name}: recall@k with k above the number of candidates counts all of them")
     doc = {"model": {"name_or_config": model_spec, "checkpoint": checkpoint}, "notes": notes, "datasets": results}
     store.ensure_bucket(output_prefix)
-    store.put_bytes(store.join(output_prefix, METRICS_FILE), json.dumps(doc, indent=2).encode())
+    store.put_json(store.join(output_prefix, METRICS_FILE), doc)
     write_report(doc, output_prefix, training_log=training_log)
     return doc

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import get_args
 
 from components.common import store
 from components.common.config import load, load_yaml
+from components.common.exit_codes import FAILED, USAGE, report
 from components.ingest.ingest import MANIFEST, IngestError, ingest
 from components.ingest.options import IngestOptions, InputFormat, ResizeMode
 from components.ingest.url_list import UrlListError
@@ -99,17 +99,14 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
 
 def run(args: argparse.Namespace) -> int:
     if args.demo == (args.url_list is not None):
-        print("clipline ingest: give either URL_LIST or --demo", file=sys.stderr)
-        return 2
+        return report(NAME, "give either URL_LIST or --demo", USAGE)
     if args.demo_limit is not None and args.demo_limit < 1 or not 0.0 <= args.demo_heldout < 1.0:
-        print("clipline ingest: --demo-limit must be at least 1 and --demo-heldout in [0, 1)", file=sys.stderr)
-        return 2
+        return report(NAME, "--demo-limit must be at least 1 and --demo-heldout in [0, 1)", USAGE)
     options = options_from_args(args)
     try:
         doc = _ingest_demo(args, options) if args.demo else ingest(args.url_list, args.output, options)
     except (IngestError, UrlListError) as exc:
-        print(f"clipline ingest: {exc}", file=sys.stderr)
-        return 1
+        return report(NAME, exc, FAILED)
     summary = {k: doc[k] for k in ("counts", "success_rate", "duration_s", "images_per_s")}
     print(json.dumps({"manifest": store.join(args.output, MANIFEST), "shards": len(doc["shards"]), **summary}))
     return 0

@@ -147,7 +147,7 @@ def _prepare_prefix(
     if not incremental:
         for obj in list(store.list_objects(shards_uri + "/")):
             store.delete(obj.uri)
-    store.put_bytes(store.join(output_prefix, STATE), json.dumps(fingerprint, indent=2, sort_keys=True).encode())
+    store.put_json(store.join(output_prefix, STATE), fingerprint)
     return _committed_shards(shards_uri, n_shards)
 
 
@@ -156,7 +156,7 @@ def _check_resumable(output_prefix: str, fingerprint: dict[str, Any]) -> None:
     state_uri = store.join(output_prefix, STATE)
     shards_prefix = store.join(output_prefix, SHARDS) + "/"
     if store.exists(state_uri):
-        previous = json.loads(store.get_bytes(state_uri))
+        previous = store.get_json(state_uri)
         changed = sorted(k for k in fingerprint.keys() | previous.keys() if fingerprint.get(k) != previous.get(k))
         if changed:
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
@@ -178,7 +178,7 @@ def _committed_shards(shards_uri: str, n_shards: int) -> dict[int, Shard]:
     for shard_id in range(n_shards):
         uris = shard_files(shards_uri, shard_id)
         if all(uri.rsplit("/", 1)[1] in names for uri in uris.values()):
-            done[shard_id] = Shard(shard_id, uris["tar"], json.loads(store.get_bytes(uris["stats"])))
+            done[shard_id] = Shard(shard_id, uris["tar"], store.get_json(uris["stats"]))
     return done
 
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.common import datasets, store
+from components.common.tars import TarWriter, read_samples
 from components.preprocess import filters
 from components.preprocess.errors import PreprocessError
 from components.preprocess.layout import Layout
 from components.preprocess.options import PreprocessOptions
 from components.preprocess.syntax_mask import caption_pos
-from components.preprocess.tars import TarWriter, read_samples
 
 CANDIDATE_KEY_DIGITS = 9
 
@@ -84,7 +84,7 @@ def filter_shard(task: FilterTask) -> dict:
         "pid": os.getpid(),
     }
     # Written after the candidates: its presence tells a rerun that this input shard is done.
-    store.put_bytes(task.layout.summary_uri(task.position), json.dumps(summary).encode())
+    store.put_json(task.layout.summary_uri(task.position), summary)
     return summary
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from components.common.config import load
+from components.common.exit_codes import FAILED, report
 from components.common.manifest import ManifestError
 from components.preprocess.errors import PreprocessError
 from components.preprocess.layout import Layout
@@ -54,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         doc = preprocess(args.raw_manifest, args.output, options)
     except (PreprocessError, NltkDataError, ManifestError) as exc:
-        print(f"clipline preprocess: {exc}", file=sys.stderr)
-        return 1
+        return report(NAME, exc, FAILED)
     print(json.dumps({"manifest": Layout(args.output.rstrip("/")).manifest_uri, "num_samples": doc["num_samples"],
                       "shards": len(doc["shards"]), "rejected": doc["rejected"]}))
     return 0

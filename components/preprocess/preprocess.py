@@ -74,7 +74,7 @@ def preprocess(raw_manifest_uri: str, output_prefix: str, options: PreprocessOpt
                            resolutions=options.resolutions)
     shards, written = write_shards(layout, assignment, shard_plan)
     sizes = {shard["uri"].rsplit("/", 1)[-1]: shard["samples"] for shard in shards}
-    store.put_bytes(layout.sizes_uri, json.dumps(sizes, indent=1).encode())
+    store.put_json(layout.sizes_uri, sizes)
 
     duration = time.perf_counter() - started
     doc = write_manifest(layout.manifest_uri, datasets.TRAIN_SHARDS, {
@@ -141,7 +141,7 @@ def _finished_manifest(layout: Layout, fingerprint: str) -> dict | None:
 def _claim(layout: Layout, fingerprint: str, raw_manifest_uri: str, options: PreprocessOptions) -> None:
     """Record what this prefix is being built from, so a rerun continues only the same build."""
     if store.exists(layout.plan_uri):
-        previous = json.loads(store.get_bytes(layout.plan_uri))
+        previous = store.get_json(layout.plan_uri)
         if previous.get("fingerprint") != fingerprint:
             raise PreprocessError(
                 f"{layout.prefix} holds an unfinished preprocess run of other inputs or options "
@@ -154,9 +154,9 @@ def _claim(layout: Layout, fingerprint: str, raw_manifest_uri: str, options: Pre
         if store.exists(layout.plan_uri):  # another part of a fan-out claimed it just now
             return _claim(layout, fingerprint, raw_manifest_uri, options)
         raise PreprocessError(f"{layout.prefix} is not empty and holds no preprocess run; choose an empty prefix")
-    store.put_bytes(layout.plan_uri, json.dumps({
+    store.put_json(layout.plan_uri, {
         "fingerprint": fingerprint, "raw_manifest_uri": raw_manifest_uri, "options": options.model_dump(mode="json"),
-    }).encode())
+    })
 
 
 def _filter(layout: Layout, inputs: list[tuple[str, int]], options: PreprocessOptions,
@@ -170,7 +170,7 @@ def _filter(layout: Layout, inputs: list[tuple[str, int]], options: PreprocessOp
         uri = inputs[position][0]
         summary_uri = layout.summary_uri(position)
         if store.exists(summary_uri):
-            summaries[position] = json.loads(store.get_bytes(summary_uri))
+            summaries[position] = store.get_json(summary_uri)
         else:
             tasks.append(FilterTask(position, uri, layout, options))
     if summaries:

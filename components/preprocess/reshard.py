@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.common import datasets, store
+from components.common.tars import TarWriter, read_samples, sha256_file
 from components.preprocess.layout import Layout
 from components.preprocess.plan import Assignment
-from components.preprocess.tars import TarWriter, read_samples, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _committed_record(layout: Layout, k: int, plan: ShardPlan) -> dict | None:
     record_uri, shard_uri = layout.committed_uri(k), layout.shard_uri(k, num_shards)
     if not (store.exists(record_uri) and store.exists(shard_uri)):
         return None
-    record = json.loads(store.get_bytes(record_uri))
+    record = store.get_json(record_uri)
     expected = {"uri": shard_uri, "samples": plan.counts[k], "first_index": plan.first_index(k)}
     if {key: record.get(key) for key in expected} != expected:
         return None  # not what this plan would write: write it again
@@ -140,7 +140,7 @@ class _Assembler:
         record = {"uri": uri, "samples": self.plan.counts[shard], "first_index": self.plan.first_index(shard),
                   "sha256": sha256_file(path)}
         store.put_file(uri, path)
-        store.put_bytes(self.layout.committed_uri(shard), json.dumps(record).encode())
+        store.put_json(self.layout.committed_uri(shard), record)
         path.unlink()
         return record
 

@@ -5,7 +5,8 @@ Under ``<output>/model/``:
     open_clip_model.pt       {"state_dict": tensors}: what open_clip's checkpoint loader reads
     open_clip_config.json    the open_clip config it was trained as (SigLIP's logit bias and the last stage's image
                              size included), so that ``open_clip.create_model_and_transforms(name, pretrained=path)``
-                             loads it once the config is registered (``load_exported`` does both)
+                             loads it once the config is registered (``components.evaluate.evaluate.load_model``,
+                             the one loader, does both)
     manifest.json            kind "model": both URIs, the sha256 of the weights, the recipe, the training metrics
 
 The manifest is written last: its presence means the model is complete.
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from components.common import store
-from components.common.manifest import read_manifest, write_manifest
+from components.common.manifest import write_manifest
 
 MODEL = "model"  # the manifest kind
 WEIGHTS_NAME = "open_clip_model.pt"
@@ -51,7 +52,7 @@ def export_model(output: str, model: torch.nn.Module, config: dict[str, Any], bo
     weights = buffer.getvalue()
     weights_uri, config_uri = store.join(prefix, WEIGHTS_NAME), store.join(prefix, CONFIG_NAME)
     store.put_bytes(weights_uri, weights)
-    store.put_bytes(config_uri, json.dumps(config, indent=2, sort_keys=True).encode())
+    store.put_json(config_uri, config)
     return write_manifest(manifest_uri(output), MODEL, {
         "weights": weights_uri,
         "config": config_uri,
@@ -59,23 +60,3 @@ def export_model(output: str, model: torch.nn.Module, config: dict[str, Any], bo
         "bytes": len(weights),
         **body,
     })
-
-
-def load_exported(output_or_manifest: str, device: str | torch.device = "cpu"):
-    """(model, preprocess) of an exported model, through open_clip's own loader (weights_only=True)."""
-    import tempfile
-    from pathlib import Path
-
-    import open_clip
-
-    from components.common.open_clip_models import register_inline
-
-    uri = output_or_manifest if output_or_manifest.endswith(".json") else manifest_uri(output_or_manifest)
-    doc = read_manifest(uri, MODEL)
-    name = register_inline(json.loads(store.get_bytes(doc["config"])))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / WEIGHTS_NAME
-        store.get_file(doc["weights"], path)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device,
-                                                                     weights_only=True)
-    return model, preprocess

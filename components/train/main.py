@@ -19,6 +19,7 @@ import torch.distributed as dist
 from components.common import store
 from components.common.config import ConfigError
 from components.common.device import DeviceError, resolve_device
+from components.common.exit_codes import DONE, report
 from components.common.recipe import Recipe, load_recipe, parse_recipe
 from components.train.distributed import World
 from components.train.loop import RunOptions, TrainingError, train
@@ -85,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
     except (ConfigError, TrainingError, DeviceError, store.StoreError) as exc:
         log.error("%s", exc)
-        print(f"train: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return report("train", exc)
+    return DONE
 
 
 if __name__ == "__main__":

@@ -112,5 +112,5 @@ def _fmt(value: Any) -> str:
 
 def write_metrics(output: str, metrics: dict[str, Any]) -> str:
     uri = store.join(output, METRICS_NAME)
-    store.put_bytes(uri, json.dumps(metrics, indent=2, sort_keys=True).encode())
+    store.put_json(uri, metrics)
     return uri

@@ -15,7 +15,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from components.common import datasets, store
+from components.common import datasets
 from components.common.manifest import read_manifest
 from components.common.recipe import Recipe
 from components.train.data.samples import DataError, SampleEncoder, SampleStream
@@ -81,7 +81,6 @@ class _BatchStream(IterableDataset):
         return SampleEncoder(self.plan)  # made in the worker, on its first batch
 
     def __iter__(self) -> Iterator[Batch]:
-        store.register_webdataset_scheme()
         info = get_worker_info()
         worker = info.id if info else 0
         epoch, start = self.position.get()

@@ -15,10 +15,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from open_clip.transform import image_transform
 from PIL import Image
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from components.common import datasets
+from components.common import datasets, store
+from components.common.tars import read_samples
 from components.train.data.sampling import LoaderPlan, Piece, RawSample, role_samples
 from components.train.text_masks import text_tokenizer, tokenize
 
@@ -48,16 +47,15 @@ class Sample:
 
 
 def _read_piece(piece: Piece, fields: frozenset[str]) -> Iterator[RawSample]:
-    """The raw samples of a run inside one shard, streamed (webdataset's tar reader over the store's stream)."""
+    """The raw samples of a run inside one shard, streamed from the store (components/common/tars.py's reader)."""
     end = piece.skip + piece.take
     seen = 0
     try:
-        with gopen(piece.uri) as stream:
-            files = tar_file_expander([{"url": piece.uri, "stream": stream}])
-            for sample in group_by_keys(files):
+        with store.open_read(piece.uri) as stream:
+            for sample in read_samples(stream, piece.uri):
                 if seen >= piece.skip:
                     # Drop the other resolutions now: the shuffle buffer holds thousands of samples.
-                    yield {k: v for k, v in sample.items() if k in fields or k in ("__key__", "__url__")}
+                    yield {k: v for k, v in sample.items() if k in fields or k == "__key__"} | {"__url__": piece.uri}
                 seen += 1
                 if seen == end:
                     return

@@ -21,7 +21,7 @@ from components.train.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-RawSample = dict[str, Any]  # webdataset's sample: "__key__", "__url__" and one bytes value per field
+RawSample = dict[str, Any]  # a shard's sample: "__key__", "__url__" (the shard) and one bytes value per field
 
 
 @dataclass(frozen=True)

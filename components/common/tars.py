@@ -1,4 +1,5 @@
-"""Webdataset tars: reading samples from a stream, and writing tars whose bytes depend only on their content.
+"""Webdataset tars: reading samples from a stream, and writing tars whose bytes depend only on their content. The one
+tar reader and writer: preprocess, the training loader and evaluate's benchmarks all go through it.
 
 Reading groups members into samples with webdataset's key rule (``webdataset.tariterators.base_plus_ext``: the key
 is the name up to the first dot of its last path part), so a sample here is a sample to the training loader. It is

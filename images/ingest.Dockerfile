@@ -2,7 +2,7 @@
 # in the object store). Ingest imports neither torch nor open_clip, kfp or nltk, so this image leaves out the CUDA
 # stack that makes up most of clipline:0.1.0. Everything else (preprocess, train, evaluate, KFP, submit) needs the
 # runtime image. The offline demo source (Debian image packages, animal-mnist) is not in here either: use the
-# runtime image for `--source demo`. Build with images/build.sh; see images/README.md.
+# runtime image for `clipline ingest --demo`. Build with images/build.sh; see images/README.md.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 

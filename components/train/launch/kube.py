@@ -36,10 +36,6 @@ class Target:
         return f"{self.group}/{self.version}"
 
 
-class NotFound(LookupError):
-    pass
-
-
 class KubeApi:
     """Thin wrapper over the kubernetes client: the only Kubernetes calls the launcher makes."""
 

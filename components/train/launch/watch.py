@@ -69,7 +69,6 @@ class LogFollower(threading.Thread):
         self.api, self.target, self.namespace, self.name, self.out = api, target, namespace, name, out
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.lines = 0
-        self.reconnects = 0
         self._done = threading.Event()
         self._last: Optional[tuple[str, tuple[datetime, int]]] = None  # (pod, timestamp) of the last line
 
@@ -102,7 +101,6 @@ class LogFollower(threading.Thread):
                 log.debug("log stream of %s: %s", self.name, exc)
             if done_before:
                 return
-            self.reconnects += 1
             self._done.wait(delay)  # once done is set, one last pass picks up what the pod printed before it ended
             delay = min(delay * 2, self.max_backoff_s)
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import get_args
 
 import torch
 from open_clip.model import CLIP
 
-from components.common.recipe import AmorLipSettings, FastClipSettings, ObjectiveSpec
+from components.common.recipe import AmorLipSettings, Divergence, FastClipSettings, FastClipVersion, ObjectiveSpec
 from components.train.objectives import ObjectiveContext, build_objective
 from components.train.objectives.fastclip import table_memory
 
@@ -32,9 +33,9 @@ CASES = {
     "clip (control)": ObjectiveSpec(name="clip"),  # a second, identical run: its "vs clip" is the noise floor
     "siglip": ObjectiveSpec(name="siglip"),
     **{f"fastclip-{v}": ObjectiveSpec(name="fastclip", fastclip=FastClipSettings(version=v))
-       for v in ("v0", "v1", "v2", "v3")},
+       for v in get_args(FastClipVersion)},
     **{f"amorlip-{d}": ObjectiveSpec(name="amorlip", amorlip=AmorLipSettings(divergence=d, lambda_steps=3))
-       for d in ("log_l2", "kl_div_asym", "js_div")},
+       for d in get_args(Divergence)},
 }
 
 

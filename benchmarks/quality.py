@@ -86,7 +86,7 @@ from trainer import MODELS, quiet_fds  # noqa: E402
 
 from components.common import store  # noqa: E402
 from components.common.config import load  # noqa: E402
-from components.common.recipe import Recipe  # noqa: E402
+from components.common.recipe import SETTINGS_BLOCKS, Recipe  # noqa: E402
 from components.demo.benchmarks import benchmarks_from_heldout  # noqa: E402
 from components.demo.dataset import ingest_demo  # noqa: E402
 from components.evaluate.evaluate import evaluate  # noqa: E402
@@ -308,7 +308,7 @@ def quality_part(root: Path, data: dict[str, Any], args: argparse.Namespace) -> 
         print(line)
     hyper = {o: load(Recipe, recipe_doc(OBJECTIVES[o], args.batches[0], 0, args.samples, args.base_lr, args.evals,
                                         args.workers), o).objective.model_dump(mode="json")[OBJECTIVES[o]["name"]]
-             if OBJECTIVES[o]["name"] in ("siglip", "fastclip", "amorlip") else {} for o in args.objectives}
+             if OBJECTIVES[o]["name"] in SETTINGS_BLOCKS else {} for o in args.objectives}
     print("objective settings (recipe defaults): " + "; ".join(f"{o}: {json.dumps(h)}" for o, h in hyper.items()))
     png = None
     if args.out:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -21,6 +21,8 @@ from components.common.open_clip_models import model_config, tower_sizes
 ObjectiveName = Literal["clip", "siglip", "fastclip", "amorlip"]
 ImageMask = Literal["none", "random", "grid", "block"]
 TextMask = Literal["truncate", "random", "block", "syntax"]
+FastClipVersion = Literal["v0", "v1", "v2", "v3"]
+Divergence = Literal["log_l2", "kl_div_asym", "js_div"]
 
 
 class ModelSpec(Config):
@@ -55,7 +57,7 @@ class SigLipSettings(Config):
 class FastClipSettings(Config):
     """FastCLIP (Wei et al. 2024). v0: GCL, learnable tau; v1: constant tau; v2: per-sample tau; v3: RGCL-g."""
 
-    version: Literal["v0", "v1", "v2", "v3"] = "v3"
+    version: FastClipVersion = "v3"
     gamma_schedule: Literal["cosine", "constant"] = "cosine"  # constant + v1/v2 = SogCLR / iSogCLR
     gamma_min: float = Field(0.2, gt=0.0, le=1.0)
     gamma_decay_epochs: int = Field(10, ge=1)
@@ -71,7 +73,7 @@ class FastClipSettings(Config):
 class AmorLipSettings(Config):
     """AmorLIP (Sun et al. 2025): lambda networks amortise each sample's partition function."""
 
-    divergence: Literal["log_l2", "kl_div_asym", "js_div"] = "log_l2"
+    divergence: Divergence = "log_l2"
     div_reg_coef: float = Field(0.1, ge=0.0)
     hidden_factor: float = Field(1.0, gt=0.0)
     lambda_lr: float = Field(1e-3, gt=0.0)
@@ -99,10 +101,14 @@ class ObjectiveSpec(Config):
     def _settings_match_name(cls, data: Any) -> Any:
         if isinstance(data, dict):
             name = data.get("name", "clip")
-            for block in ("siglip", "fastclip", "amorlip"):
+            for block in SETTINGS_BLOCKS:
                 if block in data and block != name:
                     raise ValueError(f"settings block '{block}' given but objective.name is {name!r}")
         return data
+
+
+# The objectives with a settings block of their own: the ObjectiveSpec fields named after an objective.
+SETTINGS_BLOCKS = tuple(name for name in get_args(ObjectiveName) if name in ObjectiveSpec.model_fields)
 
 
 class ImageTokens(Config):

@@ -8,7 +8,9 @@ The data is made by the real stages, in this run, from the offline demo source (
 
 - open_clip_train (``open_clip_train.data.get_wds_dataset``) reads the raw img2dataset shards: it decodes the
   --raw-side JPEGs and applies open_clip's training transform (RandomResizedCrop to --size, normalise);
-- ``components.train.data.train_loader`` reads the training shards: images already at --size, decoded and normalised.
+- ``components.train.data.train_loader`` reads the training shards: images already at --size, decoded, augmented as
+  a recipe stage does by default (``recipe.Augmentation()``: open_clip_train's RandomResizedCrop, scale 0.9-1.0) and
+  normalised.
 
 Both tokenise the caption to 32 tokens with open_clip's tokenizer, use the same batch size and worker count, and read
 local files (file://), so the figures compare decoding and transforms, not the network. Each loader runs one warm-up
@@ -33,6 +35,7 @@ from open_clip.transform import image_transform
 from open_clip_train.data import get_wds_dataset
 
 from components.common import store
+from components.common.recipe import Augmentation
 from components.demo.dataset import ingest_demo
 from components.ingest.options import IngestOptions
 from components.preprocess.options import PreprocessOptions
@@ -73,7 +76,8 @@ def timed_epochs(run_epoch: Callable[[int], int], epochs: int) -> tuple[float, f
 
 def clipline_loader(manifest: str, args: argparse.Namespace) -> TrainLoader:
     return train_loader(manifest, batch_size=args.batch, world=World(), seed=0, image_size=args.size,
-                        text_length=TEXT_LENGTH, text_mask="truncate", workers=args.workers, pin_memory=False)
+                        text_length=TEXT_LENGTH, text_mask="truncate", augment=Augmentation(), workers=args.workers,
+                        pin_memory=False)
 
 
 def clipline_run(manifest: str, args: argparse.Namespace) -> Callable[[int], int]:

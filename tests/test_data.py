@@ -3,16 +3,22 @@ read from file:// and from the real S3 server (SeaweedFS)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import image_transform
 from PIL import Image
 from train_shards import write_train_shards
 
-from components.common.recipe import parse_recipe
+from components.common import datasets, store
+from components.common.manifest import read_manifest
+from components.common.recipe import Augmentation, parse_recipe
+from components.common.tars import read_samples
 from components.train.data import Batch, DataError, stage_loader, train_loader
 from components.train.distributed import World
 from components.train.plan import ModelSizes, train_plan
@@ -200,3 +206,68 @@ data: {workers: 0, shuffle_buffer: 8}
     assert first.images.shape == (4, 3, 16, 16) and first.texts.shape == (4, 8)
     assert torch.equal(first.texts[0], PLAIN(syntax_masked_text(WORDS, POS_ORDER, 8), context_length=8)[0])
     assert next(finetune.epoch(0)).images.shape == (4, 3, 32, 32) and finetune.steps_per_epoch == N // 8
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+STRONG = Augmentation(scale=(0.4, 1.0), color_jitter=(0.32, 0.32, 0.32, 0.08), color_jitter_prob=0.8,
+                      grayscale_prob=0.2, hflip_prob=0.5)
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory) -> str:
+    """Noise images (a crop of noise differs from the whole), so augmentation shows in the pixels."""
+    tmp = tmp_path_factory.mktemp("textured-shards")
+    return write_train_shards(
+        (tmp / "store").as_uri(), tmp, shards=SHARDS, per_shard=PER_SHARD, resolutions=RESOLUTIONS,
+        draw=lambda i, side: Image.fromarray(np.random.RandomState(i).randint(0, 256, (side, side, 3), np.uint8)),
+        caption=caption, words=lambda i: (WORDS, POS_ORDER),
+    )
+
+
+def by_index(batches: list[Batch]) -> dict[int, torch.Tensor]:
+    return {i: b.images[k] for b in batches for k, i in enumerate(b.indices.tolist())}
+
+
+def test_without_augmentation_images_are_open_clip_s_evaluation_transform(textured):
+    images = {}
+    for shard in read_manifest(textured, datasets.TRAIN_SHARDS)["shards"]:
+        with store.open_read(shard["uri"]) as stream:
+            for sample in read_samples(stream, shard["uri"]):
+                images[int(sample["__key__"])] = Image.open(io.BytesIO(sample[datasets.image_field(16)])).convert("RGB")
+    transform = image_transform(16, is_train=False)
+    for index, pixels in by_index(list(loader_for(textured).epoch(0))).items():
+        assert torch.allclose(pixels, transform(images[index]), atol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmented_batches_repeat_exactly_on_resume_and_differ_by_epoch(textured, workers):
+    options = dict(augment=STRONG, workers=workers)
+    torch_state = torch.get_rng_state()
+    full = list(loader_for(textured, **options).epoch(1))
+    assert torch.equal(torch.get_rng_state(), torch_state)  # the trainer's generator is never drawn from
+    assert same(full, list(loader_for(textured, **options).epoch(1)))
+    for k in (1, 6):
+        assert same(list(loader_for(textured, **options).epoch(1, start_step=k)), full[k:])
+    plain = by_index(list(loader_for(textured).epoch(1)))
+    other = by_index(list(loader_for(textured, **options).epoch(2)))
+    augmented = by_index(full)
+    assert all(not torch.equal(augmented[i], plain[i]) for i in augmented)
+    assert all(not torch.equal(augmented[i], other[i]) for i in augmented if i in other)  # a fresh draw each epoch
+
+
+def test_each_stage_gets_its_own_augmentation(manifest):
+    recipe = parse_recipe("""
+name: tiny
+model: {name: tiny-clip}
+batch_size: 8
+stages:
+  - {name: pretrain, samples: 100, base_lr: 1.0e-3, augment: {scale: [0.4, 1.0]}}
+  - {name: finetune, samples: 100, base_lr: 1.0e-4, augment: none}
+data: {workers: 0, shuffle_buffer: 8}
+""")
+    sizes = ModelSizes(image_size=32, patch_size=8, context_length=16, embed_dim=8, config={})
+    plan = train_plan(recipe, sizes, steps_per_epoch=N // 8)
+    pretrain, finetune = (stage_loader(manifest, recipe, stage, world=World(), model_context_length=16)
+                          for stage in plan.stages)
+    assert pretrain.plan.augment == Augmentation(scale=(0.4, 1.0)) and finetune.plan.augment is None

@@ -149,6 +149,9 @@ def _worker_pids(torchrun_pid: int) -> list[int]:
 def test_sigkilled_rank_resumes_from_checkpoint_with_the_same_losses(data, s3_prefix, tmp_path):
     doc = recipe_dict({"name": "fastclip", "fastclip": {"version": "v3", "gamma_decay_epochs": 2}},
                       stage1=2048, stage2=512, every_steps=8, keep=3)
+    for stage in doc["stages"]:  # every augmentation on (CLIPA's L/H settings plus a flip): resume repeats them
+        stage["augment"] = {"scale": [0.4, 1.0], "color_jitter": [0.32, 0.32, 0.32, 0.08], "color_jitter_prob": 0.8,
+                            "grayscale_prob": 0.2, "hflip_prob": 0.5}
     recipe = write_recipe(tmp_path / "r.yaml", doc)
     reference, faulted = store.join(s3_prefix, "reference"), store.join(s3_prefix, "faulted")
     finish(torchrun(recipe, data, reference))

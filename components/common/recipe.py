@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.common.config import Config, load_yaml, parse_yaml
 from components.common.open_clip_models import model_config, tower_sizes
@@ -132,6 +132,39 @@ class TextTokens(Config):
     mask: TextMask = "truncate"
 
 
+class Augmentation(Config):
+    """Train-time image augmentation, applied per sample in the loader workers (``train/data/augment.py``).
+
+    The defaults are open_clip_train's (``open_clip.transform.AugmentationCfg`` as ``image_transform(is_train=True)``
+    uses it): a random resized crop of 90-100 % of the area at aspect ratios 3/4-4/3, bicubic, no colour jitter, no
+    grayscale, no flip. CLIPA's L/H recipes use scale (0.4, 1.0), colour jitter (0.32, 0.32, 0.32, 0.08) at p 0.8 and
+    grayscale p 0.2.
+    """
+
+    scale: tuple[float, float] = (0.9, 1.0)  # fraction of the image's area the crop covers
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio (width / height)
+    color_jitter: tuple[float, float, float, float] | None = None  # brightness, contrast, saturation, hue
+    color_jitter_prob: float = Field(0.0, ge=0.0, le=1.0)
+    grayscale_prob: float = Field(0.0, ge=0.0, le=1.0)
+    hflip_prob: float = Field(0.0, ge=0.0, le=1.0)  # off by default: flipping breaks captions that say left/right
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "Augmentation":
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {list(self.ratio)}")
+        if self.color_jitter is not None:
+            *bcs, hue = self.color_jitter
+            if not all(v >= 0.0 for v in bcs) or not 0.0 <= hue <= 0.5:
+                raise ValueError(f"color_jitter needs brightness, contrast, saturation >= 0 and hue in [0, 0.5], "
+                                 f"got {list(self.color_jitter)}")
+        if self.color_jitter_prob > 0.0 and self.color_jitter is None:
+            raise ValueError("color_jitter_prob > 0 needs color_jitter (brightness, contrast, saturation, hue)")
+        return self
+
+
 class Stage(Config):
     """One CLIPA stage: stage 1 pretrains at reduced tokens, stage 2 finetunes at full tokens."""
 
@@ -141,6 +174,17 @@ class Stage(Config):
     warmup: float = Field(0.05, ge=0.0, lt=1.0)  # fraction of the stage's steps
     image: ImageTokens = ImageTokens()
     text: TextTokens = TextTokens()
+    # none (or null): every epoch sees the stored pixels (resized and centre-cropped only if a shard holds another size)
+    augment: Augmentation | None = Augmentation()
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _none_is_off(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value != "none":
+                raise ValueError(f"augment is none or a block of settings (scale, ratio, ...), got {value!r}")
+            return None
+        return value
 
     # The one place the rule "a stage's own size, or else the model's" is written; StagePlan holds the results.
     def image_size(self, native: int) -> int:

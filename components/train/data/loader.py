@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from components.common import datasets
 from components.common.manifest import read_manifest
-from components.common.recipe import Recipe
+from components.common.recipe import Augmentation, Recipe
 from components.train.data.samples import DataError, SampleEncoder, SampleStream
 from components.train.data.sampling import LoaderPlan, Shard
 from components.train.distributed import World
@@ -98,7 +98,7 @@ class _BatchStream(IterableDataset):
                     continue  # replaying a batch consumed before the restart; its counts go with the next batch
                 read, corrupt = stream.counts_since_last_call()
                 yield Batch(
-                    images=self._encoder.images(samples),
+                    images=self._encoder.images(samples, seed=derive_seed(p.seed, epoch, p.rank, step, "augment")),
                     texts=self._encoder.texts(samples, seed=derive_seed(p.seed, epoch, p.rank, step, "text")),
                     indices=torch.tensor([s.index for s in samples], dtype=torch.long),
                     epoch=epoch,
@@ -171,6 +171,7 @@ def train_loader(
     image_size: int,
     text_length: int,
     text_mask: str = "truncate",
+    augment: Augmentation | None = None,
     workers: int = 4,
     epoch_samples: int | None = None,
     resample: bool = False,
@@ -186,7 +187,8 @@ def train_loader(
     batch_size: per rank. image_size: one of the manifest's resolutions. text_length: tokens per caption, SOT and
     EOT included, at most the model's context length. epoch_samples: virtual epoch length (default: the dataset).
     resample: draw shards with replacement (any epoch length) instead of splitting the epoch's shards over the ranks.
-    pin_memory: default on when CUDA is available.
+    augment: the stage's train-time augmentation (None: the stored pixels). pin_memory: default on when CUDA is
+    available.
     """
     if text_mask not in TEXT_MASKS:
         raise ValueError(f"unknown text mask {text_mask!r}; expected one of {', '.join(TEXT_MASKS)}")
@@ -228,6 +230,7 @@ def train_loader(
         image_size=image_size,
         text_length=text_length,
         text_mask=text_mask,
+        augment=augment,
         max_corrupt_fraction=max_corrupt_fraction,
         mean=tuple(mean),
         std=tuple(std),
@@ -263,6 +266,7 @@ def stage_loader(
         image_size=stage.image_size,
         text_length=stage.text_length,
         text_mask=stage.stage.text.mask,
+        augment=stage.stage.augment,
         workers=recipe.data.workers,
         epoch_samples=recipe.data.epoch_samples,
         resample=resample,

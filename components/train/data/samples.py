@@ -1,24 +1,27 @@
 """One role's samples, from shard bytes to tensors: reading a run of samples out of a shard, decoding and checking
 each sample, skipping and counting the corrupt ones (and failing when too many are), and turning good samples into
-the batch's image and text tensors (the image transform and the stage's text mask)."""
+the batch's image and text tensors (the stage's augmentation and text mask)."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import random
 import tarfile
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
-from open_clip.transform import image_transform
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from components.common import datasets, store
 from components.common.tars import read_samples
+from components.train.data.augment import augment, fit
 from components.train.data.sampling import LoaderPlan, Piece, RawSample, role_samples
+from components.train.seeds import derive_seed
 from components.train.text_masks import text_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
@@ -139,20 +142,25 @@ class SampleStream:
 
 
 class SampleEncoder:
-    """Good samples to a batch's tensors: images normalised with the plan's mean and std, texts tokenised with the
-    plan's text mask at its length."""
+    """Good samples to a batch's tensors: images augmented as the plan's stage asks (``augment.py``), normalised with
+    the plan's mean and std; texts tokenised with the plan's text mask at its length."""
 
     def __init__(self, plan: LoaderPlan):
         self.plan = plan
         self._tokenizer = text_tokenizer(plan.text_mask, plan.text_length)
-        # Images are already S x S, so open_clip's eval transform only converts and normalises (its resize and
-        # centre crop are no-ops); it still does the right thing should a shard hold another size.
-        self._transform: Callable[[Image.Image], torch.Tensor] = image_transform(
-            plan.image_size, is_train=False, mean=plan.mean, std=plan.std
-        )
+        self._mean = torch.tensor(plan.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(plan.std).view(1, 3, 1, 1)
 
-    def images(self, samples: Sequence[Sample]) -> torch.Tensor:
-        return torch.stack([self._transform(s.image) for s in samples])
+    def images(self, samples: Sequence[Sample], seed: int) -> torch.Tensor:
+        """(len(samples), 3, S, S) float32; ``seed`` seeds the augmentation, sample i drawing from (seed, i)."""
+        size, aug = self.plan.image_size, self.plan.augment
+        pixels = [
+            fit(s.image, size) if aug is None else augment(s.image, size, aug, random.Random(derive_seed(seed, i)))
+            for i, s in enumerate(samples)
+        ]
+        # uint8 to float and normalised once for the whole batch (what ToTensor + Normalize do per image).
+        batch = torch.stack([pil_to_tensor(im) for im in pixels]).float().div_(255)
+        return batch.sub_(self._mean).div_(self._std)
 
     def texts(self, samples: Sequence[Sample], seed: int) -> torch.Tensor:
         """Token ids (len(samples), text_length); ``seed`` seeds the mask's random choices."""

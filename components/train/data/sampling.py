@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from webdataset.filters import shuffle as wds_shuffle
 
+from components.common.recipe import Augmentation
 from components.train.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class LoaderPlan:
     image_size: int
     text_length: int
     text_mask: str
+    augment: Augmentation | None  # None: the stored pixels (recipe ``augment: none``)
     max_corrupt_fraction: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]

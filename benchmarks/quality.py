@@ -122,18 +122,21 @@ ANIMALS = "animal_mnist"
 # ------------------------------------------------------------------------------------------------------------- data
 
 
-def make_data(root: Path, per_source: int, raw_side: int, workers: int) -> dict[str, Any]:
-    """Ingest the demo source, preprocess it at 16 and 32 px, and write the held-out benchmarks."""
+def make_data(root: Path, per_source: int, raw_side: int, workers: int,
+              resolutions: tuple[int, ...] = RESOLUTIONS) -> dict[str, Any]:
+    """Ingest the demo source, preprocess it at ``resolutions`` (16 and 32 px), and write the held-out benchmarks.
+    "raw_shards" lists the ingest's img2dataset shards (the training split only) as (local path, samples)."""
     ingest_uri, train_uri = (root / "ingest").as_uri(), (root / "train").as_uri()
     t0 = time.perf_counter()
     with quiet_fds(root / "make_data.log"):  # img2dataset's progress would bury the tables
         ingested = ingest_demo(ingest_uri, IngestOptions(image_size=raw_side, number_sample_per_shard=SHARD_SIZE),
                                limit=per_source)
         prepared = preprocess(store.join(ingest_uri, "manifest.json"), train_uri,
-                              PreprocessOptions(resolutions=RESOLUTIONS, shard_size=SHARD_SIZE,
-                                                min_image_side=min(RESOLUTIONS), min_shards=max(1, workers)))
+                              PreprocessOptions(resolutions=resolutions, shard_size=SHARD_SIZE,
+                                                min_image_side=min(resolutions), min_shards=max(1, workers)))
         benches = benchmarks_from_heldout(ingested, (root / "benchmarks").as_uri())
     return {"manifest": store.join(train_uri, "manifest.json"), "num_samples": prepared["num_samples"],
+            "raw_shards": [(store.local_path(s["uri"]), s["samples"]) for s in ingested["shards"]],
             "sources": ingested.get("demo", {}).get("sources"), "seconds": time.perf_counter() - t0,
             "benchmarks": {name: b["uri"] for name, b in sorted(benches.items())}}
 

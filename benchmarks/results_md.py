@@ -63,6 +63,28 @@ def clipa_section(c: dict[str, Any], plots: str) -> list[str]:
             f"![CLIPA vs full tokens]({plots}/clipa.png)", ""]
 
 
+def parity_section(p: dict[str, Any]) -> list[str]:
+    main = p["comparisons"]["clipline"]
+    rows = [[r["metric"], pct(r["open_clip_train"]), pct(r["clipline"]),
+             f"{100 * r['diff']:+.1f} ± {100 * r['se']:.1f}" + (" **below**" if r["below"] else "")] for r in main]
+    ablations = []
+    for label, comparison in p["comparisons"].items():
+        by_metric = {r["metric"]: r for r in comparison}
+        ablations.append(["defaults" if label == "clipline" else label,
+                          *(f"{100 * by_metric[m]['diff']:+.1f} ± {100 * by_metric[m]['se']:.1f}"
+                            for m in ("mean_acc1", "mean_t2i_r10", "mean_i2t_r10")),
+                          f"{sum(r['below'] for r in comparison)} of {len(comparison)}"])
+    return [f"**Parity with open_clip_train.** `benchmarks/parity.py`: clipline's clip and open_clip_train on the same "
+            f"raw shards ({p['samples']:,} training samples), same model and hyperparameters, {p['epochs']} epochs at "
+            f"batch {p['batch']}, {p['seeds']} seeds each, evaluated by clipline's evaluator on the held-out split: "
+            "mean ± std, %; diff = clipline − open_clip_train ± its standard error (**below**: lower by more than "
+            "two standard errors).", "",
+            *table(["metric", "open_clip_train", "clipline", "diff ± SE"], rows),
+            "Ablations: clipline with one setting changed (diff from open_clip_train ± SE, percentage points):", "",
+            *table(["clipline setting", "mean cls acc1", "mean t→i R@10", "mean i→t R@10", "metrics below"],
+                   ablations)]
+
+
 def speed_section(benchmarks: dict[str, Any]) -> list[str]:
     out: list[str] = []
     trainer = (benchmarks.get("trainer") or {}).get("figures") or {}
@@ -134,6 +156,9 @@ def render(results: dict[str, Any], plots: str) -> str:
         out += quality_section(quality["quality"], plots)
     if "clipa" in quality:
         out += clipa_section(quality["clipa"], plots)
+    parity = (benchmarks.get("parity") or {}).get("figures") or {}
+    if "comparisons" in parity:
+        out += parity_section(parity)
     out += speed_section(benchmarks)
     return "\n".join(out).rstrip() + "\n"
 

@@ -11,7 +11,9 @@ Runs, one after the other, each as its own process (so one's memory and threads 
   speed-up over full tokens;
 - ``benchmarks/quality.py --out --json``: zero-shot quality of clip, siglip, FastCLIP v3 and AmorLIP at global batch
   64 and 256 over 3 seeds, with ``accuracy_vs_samples.png``, and CLIPA's two stages and image masks against full
-  tokens, with ``clipa.png``.
+  tokens, with ``clipa.png``;
+- ``benchmarks/parity.py --json``: clipline's clip against open_clip_train on the same raw shards, model and
+  hyperparameters, 3 seeds each, every held-out metric's difference with its standard error, and the ablations.
 
 Their output is shown as it comes (less img2dataset's progress lines) and kept in ``<out>/<name>.log``.
 ``<out>/results.json`` holds, per benchmark, its
@@ -47,6 +49,7 @@ QUICK = {
     "trainer": ["--per-source", "300", "--epochs", "3", "--repeats", "1", "--clipa-model", "tiny",
                 "--clipa-rounds", "2"],
     "quality": ["--per-source", "300", "--seeds", "1", "--samples", "2048", "--evals", "2"],
+    "parity": ["--quick"],
 }
 
 
@@ -57,6 +60,7 @@ def steps(out: Path, quick: bool) -> dict[str, list[str]]:
         "loader": [str(BENCHMARKS / "loader.py")],
         "trainer": [str(BENCHMARKS / "trainer.py"), "--json", str(out / "trainer.json")],
         "quality": [str(BENCHMARKS / "quality.py"), "--out", str(out), "--json", str(out / "quality.json")],
+        "parity": [str(BENCHMARKS / "parity.py"), "--json", str(out / "parity.json")],
     }
     return {name: [sys.executable, *cmd, *(QUICK[name] if quick else [])] for name, cmd in cmds.items()}
 
@@ -127,7 +131,7 @@ def parse_objectives(lines: list[str]) -> dict[str, Any]:
 
 def figures(name: str, result: dict[str, Any], out: Path) -> Any:
     path = out / f"{name}.json"
-    if name in ("trainer", "quality"):
+    if name in ("trainer", "quality", "parity"):
         return json.loads(path.read_text()) if path.exists() else None
     return {"loader": parse_loader, "objectives": parse_objectives}[name](result["lines"])
 

@@ -17,7 +17,9 @@ from results_md import BEGIN, END, update_readme  # noqa: E402
 @pytest.mark.slow
 def test_run_all_quick_writes_every_figure_plot_and_the_readme_section(tmp_path):
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out", str(out)],
+    # parity.py has a test of its own (below), which keeps each under pytest's per-test timeout.
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out", str(out),
+                           "--only", "objectives", "loader", "trainer", "quality"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
@@ -51,6 +53,43 @@ def test_run_all_quick_writes_every_figure_plot_and_the_readme_section(tmp_path)
     refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "results_md.py"), str(out), "--readme",
                               str(tmp_path / "README.md")], capture_output=True, text=True)
     assert refused.returncode != 0 and "quick" in refused.stderr
+
+
+@pytest.mark.slow
+def test_parity_compares_every_held_out_metric_with_open_clip_train(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick", "--out", str(out),
+                           "--only", "parity"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    parity = json.loads((out / "results.json").read_text())["benchmarks"]["parity"]["figures"]
+    assert set(parity["runs"]) == {"open_clip_train", "clipline", *parity["variants"]} and parity["variants"]
+    metrics = {r["metric"] for r in parity["comparisons"]["clipline"]}
+    # every benchmark's metrics: the three classification sets and the retrieval set, and the headline means
+    assert {"animal_mnist/acc1", "openclipart/acc5", "emoji_names/image_retrieval_recall@10", "mean_acc1"} <= metrics
+    for runs in parity["runs"].values():
+        assert all(0.0 <= v <= 1.0 for run in runs for v in run["metrics"].values()) and runs[0]["wall_s"] > 0
+    assert "Parity with open_clip_train" in (out / "RESULTS.md").read_text()
+
+
+def test_parity_statistics_and_recipe_overrides():
+    from parity import below, difference, parse_variant, with_overrides
+
+    diff, se = difference([0.5, 0.6, 0.7], [0.8, 0.9, 1.0])
+    assert abs(diff + 0.3) < 1e-12 and abs(se - (2 * 0.01 / 3) ** 0.5) < 1e-12 and below(diff, se)
+    assert not below(-0.3, 0.2) and not below(-0.3, 0.0)  # one run each: no standard error, no verdict
+    label, overrides = parse_variant("no clip: grad clip off:optimizer.grad_clip_norm=null;stages.0.augment=none")
+    assert label == "no clip: grad clip off" and overrides == {"optimizer.grad_clip_norm": None,
+                                                              "stages.0.augment": "none"}
+    assert parse_variant("strong:stages.0.augment={scale: [0.4, 1.0]}") == ("strong",
+                                                                            {"stages.0.augment": {"scale": [0.4, 1.0]}})
+    with pytest.raises(SystemExit, match="expected LABEL"):
+        parse_variant("stages.0.augment=none")
+    doc = {"optimizer": {"grad_clip_norm": 1.0}, "stages": [{"name": "full"}]}
+    changed = with_overrides(doc, overrides)
+    assert changed == {"optimizer": {"grad_clip_norm": None}, "stages": [{"name": "full", "augment": "none"}]}
+    assert doc["optimizer"]["grad_clip_norm"] == 1.0  # the original is left alone
+    with pytest.raises(SystemExit, match="no 'optimiser'"):
+        with_overrides(doc, {"optimiser.eps": 1e-8})
 
 
 def test_update_readme_replaces_only_the_marked_section(tmp_path):

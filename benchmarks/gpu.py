@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/gpu.py [--json PATH] [--profile] [--per-source 1000] [--quick]
 
-Sections, in this order, each with its wall time (the defaults fit in 8 minutes on an H100, compilation included):
+Sections, in this order, each with its wall time (the step counts are chosen to fit 8 minutes on an H100,
+compilation included; not yet measured on one):
 
 - **mfu**: ViT-B/16 at 224 px, bf16 autocast, batch 256: clipline's training step (``components.train.loop.
   train_step``, timed by ``benchmarks/objectives.py``'s Runner) eager and compiled. Model FLOPs per step come from

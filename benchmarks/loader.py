@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +46,16 @@ from components.train.distributed import World
 
 TEXT_LENGTH = 32
 SHARD_SIZE = 256
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What both loaders are given alike (benchmarks/gpu.py sets its own)."""
+
+    size: int  # training resolution: clipline's stored images, open_clip's RandomResizedCrop
+    batch: int
+    workers: int
+    text_length: int = TEXT_LENGTH  # clipline's loader only: benchmarks/gpu.py feeds its batches to a model
 
 
 def make_shards(root: Path, per_source: int, size: int,
@@ -74,20 +85,21 @@ def timed_epochs(run_epoch: Callable[[int], int], epochs: int) -> tuple[float, f
     return warmup, seen / (time.perf_counter() - start)
 
 
-def clipline_loader(manifest: str, args: argparse.Namespace) -> TrainLoader:
-    return train_loader(manifest, batch_size=args.batch, world=World(), seed=0, image_size=args.size,
-                        text_length=TEXT_LENGTH, text_mask="truncate", augment=Augmentation(), workers=args.workers,
+def clipline_loader(manifest: str, settings: LoaderSettings) -> TrainLoader:
+    return train_loader(manifest, batch_size=settings.batch, world=World(), seed=0, image_size=settings.size,
+                        text_length=settings.text_length, text_mask="truncate", augment=Augmentation(),
+                        workers=settings.workers,
                         pin_memory=False)
 
 
-def clipline_run(manifest: str, args: argparse.Namespace) -> Callable[[int], int]:
-    loader = clipline_loader(manifest, args)
+def clipline_run(manifest: str, settings: LoaderSettings) -> Callable[[int], int]:
+    loader = clipline_loader(manifest, settings)
     return lambda epoch: sum(len(b.indices) for b in loader.epoch(epoch))
 
 
-def resume_cost(manifest: str, args: argparse.Namespace) -> tuple[float, float, int]:
+def resume_cost(manifest: str, settings: LoaderSettings) -> tuple[float, float, int]:
     """Seconds to the first batch of an epoch from its start and from its middle (a restart's replay), warm workers."""
-    loader = clipline_loader(manifest, args)
+    loader = clipline_loader(manifest, settings)
     list(loader.epoch(0))
     middle = loader.steps_per_epoch // 2
 
@@ -99,19 +111,39 @@ def resume_cost(manifest: str, args: argparse.Namespace) -> tuple[float, float, 
     return first_batch(0), first_batch(middle), middle
 
 
-def open_clip_run(raw_tars: list[Path], num_samples: int, args: argparse.Namespace) -> Callable[[int], int]:
+def open_clip_run(raw_tars: list[Path], num_samples: int, settings: LoaderSettings) -> Callable[[int], int]:
     oc_args = argparse.Namespace(
         train_data="::".join(str(p) for p in raw_tars), train_num_samples=num_samples, dataset_resampled=False,
-        train_data_upsampling_factors=None, seed=0, batch_size=args.batch, world_size=1, workers=args.workers,
+        train_data_upsampling_factors=None, seed=0, batch_size=settings.batch, world_size=1, workers=settings.workers,
     )
     tokenizer = SimpleTokenizer(context_length=TEXT_LENGTH)
-    info = get_wds_dataset(oc_args, image_transform(args.size, is_train=True), is_train=True, tokenizer=tokenizer)
+    info = get_wds_dataset(oc_args, image_transform(settings.size, is_train=True), is_train=True, tokenizer=tokenizer)
 
     def run(epoch: int) -> int:
         info.set_epoch(epoch)
         return sum(len(images) for images, _ in info.dataloader)
 
     return run
+
+
+def whole_batch_shards(raw: list[tuple[Path, int]], batch: int) -> list[Path]:
+    """The raw shards open_clip_train can read here. Its pipeline repeats a worker's shards until that worker has
+    made its batches, so a worker whose shards hold less than one batch loops forever (no batch ever comes out):
+    leave out shards smaller than a batch (the partial last one), which keeps every worker's share at least one."""
+    return [path for path, samples in raw if samples >= batch]
+
+
+def compare_loaders(raw_tars: list[Path], manifest: str, num_samples: int, settings: LoaderSettings,
+                    epochs: int) -> dict[str, float]:
+    """Samples/s of open_clip_train's pipeline on the raw shards, then of clipline's on the training shards."""
+    rates = {}
+    for name, run in (("open_clip_train get_wds_dataset, raw shards", open_clip_run(raw_tars, num_samples, settings)),
+                      ("clipline train_loader, preprocessed shards", clipline_run(manifest, settings))):
+        warmup, rate = timed_epochs(run, epochs)
+        rates[name] = rate
+        print(f"{name:46s} {rate / max(1, settings.workers):8.1f} samples/s per worker "
+              f"({rate:.1f} samples/s total; warm-up epoch {warmup:.1f} s)")
+    return rates
 
 
 def main() -> None:
@@ -124,14 +156,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    settings = LoaderSettings(size=args.size, batch=args.batch, workers=args.workers)
 
     with tempfile.TemporaryDirectory(prefix="clipline-loader-bench-") as tmp:
         t0 = time.perf_counter()
         raw, manifest, n, figures = make_shards(Path(tmp), args.per_source, args.size, args.raw_side)
-        # open_clip_train's pipeline repeats a worker's shards until that worker has made its batches, so a worker
-        # whose shards hold less than one batch loops forever (no batch ever comes out): leave out shards smaller
-        # than a batch (the partial last one), which keeps every worker's share at least one batch.
-        raw_tars = [path for path, samples in raw if samples >= args.batch]
+        raw_tars = whole_batch_shards(raw, args.batch)
         raw_mb = sum(p.stat().st_size for p in raw_tars) / 1e6
         train_mb = sum(p.stat().st_size for p in (Path(tmp) / "train").rglob("*.tar")) / 1e6
         print(f"ingest + preprocess of the demo source: {n} training samples in {time.perf_counter() - t0:.1f} s; "
@@ -141,16 +171,10 @@ def main() -> None:
               f"{len(raw)} raw shards for open_clip_train, 1 warm-up + {args.epochs} timed epochs each, "
               f"os.cpu_count()={os.cpu_count()}")
 
-        rates = {}
-        for name, run in (("open_clip_train get_wds_dataset, raw shards", open_clip_run(raw_tars, n, args)),
-                          ("clipline train_loader, preprocessed shards", clipline_run(manifest, args))):
-            warmup, rate = timed_epochs(run, args.epochs)
-            rates[name] = rate
-            print(f"{name:46s} {rate / max(1, args.workers):8.1f} samples/s per worker "
-                  f"({rate:.1f} samples/s total; warm-up epoch {warmup:.1f} s)")
+        rates = compare_loaders(raw_tars, manifest, n, settings, args.epochs)
         theirs, ours = rates.values()
         print(f"ratio clipline / open_clip_train: {ours / theirs:.2f}x")
-        from_start, from_middle, middle = resume_cost(manifest, args)
+        from_start, from_middle, middle = resume_cost(manifest, settings)
         print(f"clipline resume: first batch after {from_start:.2f} s from step 0, after {from_middle:.2f} s from "
               f"step {middle} (replaying the epoch's first half: read and decode, no tokenise or normalise)")
 

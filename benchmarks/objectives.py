@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/objectives.py [--batch 256] [--rounds 5] [--steps 6]
 
-One training step = model forward, objective, backward, AdamW step, objective hooks. The model is the tiny CPU
-CLIP of platform-facts (ViT 2x64 at 32 px, text 2x64 at 16 tokens); images and tokens are random, which does not
-change the cost. Overheads are ratios measured in this one run, so they compare like with like on this machine.
+One training step = the training loop's own ``train_step`` (forward, objective, backward, clipping, AdamW step,
+objective hooks) on the model and optimizer the loop builds. The model is the tiny CPU CLIP of platform-facts (ViT
+2x64 at 32 px, text 2x64 at 16 tokens); images and tokens are random, which does not change the cost. The figure
+per case is the median over rounds of a round's seconds per step. Overheads are ratios measured in this one run, so
+they compare like with like on this machine. ``StepSettings`` lets benchmarks/gpu.py time a ViT-B on a GPU.
 """
 
 from __future__ import annotations
@@ -12,14 +14,28 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import get_args
 
 import torch
-from open_clip.model import CLIP
 
-from components.common.recipe import AmorLipSettings, Divergence, FastClipSettings, FastClipVersion, ObjectiveSpec
+from components.common.open_clip_models import model_config, tower_sizes
+from components.common.recipe import (
+    AmorLipSettings,
+    Divergence,
+    FastClipSettings,
+    FastClipVersion,
+    ObjectiveSpec,
+    OptimizerSpec,
+)
+from components.train.accelerator import precision_autocast
+from components.train.clipa import build_stage_model
+from components.train.data import Batch
+from components.train.loop import train_step
 from components.train.objectives import ObjectiveContext, build_objective
 from components.train.objectives.fastclip import table_memory
+from components.train.optim import build_optimizer
+from components.train.plan import model_kwargs
 
 TINY = dict(
     embed_dim=64,
@@ -58,53 +74,103 @@ def state_bytes(objective: torch.nn.Module) -> int:
     return total
 
 
-class Runner:
-    """One objective's model, optimizer and data, stepped on demand so that cases can be timed in turns."""
+@dataclass(frozen=True)
+class StepSettings:
+    """What a timed step runs on. The defaults are this script's CPU case; benchmarks/gpu.py sets a ViT-B on CUDA."""
 
-    def __init__(self, spec: ObjectiveSpec, batch: int):
+    model: str | dict = field(default_factory=lambda: TINY)  # an open_clip config name or an inline config
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 or amp_bf16, as a recipe resolves it (accelerator.precision)
+    compile: bool = False
+    # --quick's CPU check compiles with aot_eager: the same tracing as inductor in seconds, without its C++ build
+    compile_backend: str = "inductor"
+    warmup: int = 3  # steps before timing (compilation, allocator, AdamW state), the last one in epoch 1
+
+
+class Runner:
+    """One objective's model, optimizer and data, stepped on demand so that cases can be timed in turns. A step is
+    the loop's own ``train_step`` on the model and optimizer the loop builds."""
+
+    def __init__(self, spec: ObjectiveSpec, batch: int, settings: StepSettings = StepSettings()):
+        self.device = torch.device(settings.device)
         torch.manual_seed(0)
-        self.model = CLIP(**TINY, init_logit_bias=-10.0 if spec.name == "siglip" else None, output_dict=True)
+        self.model = build_stage_model(settings.model, device=self.device, output_dict=True, **model_kwargs(spec))
+        sizes = tower_sizes(model_config(settings.model))
         self.objective = build_objective(spec, ObjectiveContext(
-            dataset_size=DATASET_SIZE, embed_dim=TINY["embed_dim"], total_epochs=2, run_id=f"bench-{time.time_ns()}"))
+            dataset_size=DATASET_SIZE, embed_dim=sizes.embed_dim, total_epochs=2, run_id=f"bench-{time.time_ns()}",
+            device=str(self.device))).to(self.device)
         self.objective.init_model(self.model)
-        groups = self.objective.param_groups(self.model, lr=1e-3)
-        claimed = {id(p) for g in groups for p in g["params"]}
-        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in claimed]
-        self.optimizer = torch.optim.AdamW([{"params": rest}, *groups], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.2)
+        self.optimizer = build_optimizer(self.model, self.objective, 1e-3, OptimizerSpec())
+        self.forward = (torch.compile(self.model, backend=settings.compile_backend) if settings.compile
+                        else self.model)
+        self.autocast = precision_autocast(settings.precision, self.device)
         gen = torch.Generator().manual_seed(0)
-        self.images = torch.randn(batch, 3, 32, 32, generator=gen)
-        self.texts = torch.randint(0, 49408, (batch, 16), generator=gen)
-        self.order = torch.randperm(DATASET_SIZE, generator=gen)
+        side = sizes.image_size
+        self.images = torch.randn(batch, 3, side, side, generator=gen).to(self.device)
+        self.texts = torch.randint(0, 49408, (batch, sizes.context_length), generator=gen).to(self.device)
+        self.order = torch.randperm(DATASET_SIZE, generator=gen).to(self.device)
         self.batch, self.step_count = batch, 0
         self.objective.on_epoch_start(0)
 
-    def step(self) -> float:
-        """One training step; returns its wall time in seconds."""
-        indices = self.order[(self.step_count * self.batch) % DATASET_SIZE:][: self.batch]
+    def step(self, batch: Batch | None = None) -> None:
+        """One step on ``batch`` (a loader's, on the device), by default on this runner's random one."""
+        if batch is None:
+            start = (self.step_count * self.batch) % DATASET_SIZE
+            batch = Batch(self.images, self.texts, self.order[start:][: self.batch], epoch=0, step=self.step_count,
+                          read=0, corrupt=0)
         self.step_count += 1
+        train_step(self.model, self.forward, self.objective, self.optimizer, batch,
+                   grad_clip_norm=OptimizerSpec().grad_clip_norm, autocast=self.autocast)
+
+    def warm_up(self, steps: int) -> None:
+        """Steps in epoch 0, then one in epoch 1: the steady state is timed, past the objectives' first epoch."""
+        for _ in range(max(0, steps - 1)):
+            self.step()
+        self.objective.on_epoch_start(1)
+        self.step()
+
+    def timed(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps, the device synchronised at both ends (the host queues ahead on a
+        GPU, so only the block's end says when its work is done)."""
+        synchronize(self.device)
         start = time.perf_counter()
-        out = self.model(self.images, self.texts)
-        loss = self.objective(out["image_features"], out["text_features"], out["logit_scale"],
-                              out.get("logit_bias"), indices).loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.objective.optimizer_step(self.model, self.optimizer)
-        return time.perf_counter() - start
+        for _ in range(steps):
+            self.step()
+        synchronize(self.device)
+        return (time.perf_counter() - start) / steps
 
 
-def measure(cases: dict[str, ObjectiveSpec], batch: int, rounds: int, steps: int) -> dict[str, tuple[float, int]]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class CaseTiming:
+    step_s: float  # median over the rounds of the round's seconds per step
+    state_bytes: int  # the objective's checkpointed state
+    peak_gpu_bytes: int  # the most GPU memory allocated during this case's steps (0 on a CPU)
+    resident_gpu_bytes: int  # held between steps by every case of the run together (models, optimizers, tables)
+
+
+def measure(cases: dict[str, ObjectiveSpec], batch: int, rounds: int, steps: int,
+            settings: StepSettings = StepSettings()) -> dict[str, CaseTiming]:
     """Median step time per case, timed in interleaved rounds so that machine noise hits every case alike."""
-    runners = {name: Runner(spec, batch) for name, spec in cases.items()}
-    for runner in runners.values():  # warm-up in epoch 0, then time the steady state of epoch 1
-        for _ in range(3):
-            runner.step()
-        runner.objective.on_epoch_start(1)
-        runner.step()
+    runners = {name: Runner(spec, batch, settings) for name, spec in cases.items()}
+    for runner in runners.values():
+        runner.warm_up(settings.warmup)
+    cuda = torch.device(settings.device).type == "cuda"
+    resident = torch.cuda.memory_allocated() if cuda else 0
     times: dict[str, list[float]] = {name: [] for name in runners}
+    peaks = dict.fromkeys(runners, 0)
     for _ in range(rounds):
         for name, runner in runners.items():
-            times[name] += [runner.step() for _ in range(steps)]
-    return {name: (statistics.median(t), state_bytes(runners[name].objective)) for name, t in times.items()}
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times[name].append(runner.timed(steps))
+            peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() if cuda else 0)
+    return {name: CaseTiming(statistics.median(t), state_bytes(runners[name].objective), peaks[name], resident)
+            for name, t in times.items()}
 
 
 def main() -> None:
@@ -116,12 +182,13 @@ def main() -> None:
     args = parser.parse_args()
     cases = {k: v for k, v in CASES.items() if not args.only or k in args.only or k.startswith("clip")}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of "
-          f"{args.rounds} x {args.steps} interleaved steps per objective, dataset size {DATASET_SIZE:,}")
+          f"{args.rounds} rounds of {args.steps} interleaved steps per objective, dataset size {DATASET_SIZE:,}")
     results = measure(cases, args.batch, args.rounds, args.steps)
-    base = results["clip"][0]
+    base = results["clip"].step_s
     print(f"{'objective':<22}{'step ms':>10}{'vs clip':>10}{'state bytes':>14}")
-    for name, (seconds, nbytes) in results.items():
-        print(f"{name:<22}{seconds * 1e3:>10.1f}{(seconds / base - 1) * 100:>+9.1f}%{nbytes:>14,}")
+    for name, timing in results.items():
+        print(f"{name:<22}{timing.step_s * 1e3:>10.1f}{(timing.step_s / base - 1) * 100:>+9.1f}%"
+              f"{timing.state_bytes:>14,}")
     print("\nFastCLIP per-sample tables for 400M samples on an 8-GPU node (one copy per node vs one per rank):")
     for version in ("v0", "v1", "v3", "v2"):
         m = table_memory(version)

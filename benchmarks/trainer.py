@@ -60,8 +60,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -74,7 +75,7 @@ from loader import SHARD_SIZE, make_shards  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
 
 from components.common import store  # noqa: E402
-from components.common.open_clip_models import model_config  # noqa: E402
+from components.common.open_clip_models import model_config, tower_sizes  # noqa: E402
 from components.common.recipe import ImageTokens, Stage, TextTokens  # noqa: E402
 from components.train.clipa import build_stage_model, token_counts  # noqa: E402
 
@@ -95,16 +96,63 @@ BASE_LR, WARMUP, WEIGHT_DECAY, BETAS, EPS, GRAD_CLIP = 1e-3, 0.1, 0.2, (0.9, 0.9
 # ------------------------------------------------------------------------------------------------ part 1: data
 
 
-def open_clip_copy(manifest_uri: str, out: Path, workers: int, image_size: int) -> tuple[str, int]:
-    """Copy whole training shards with open_clip's field names; returns (brace pattern, samples).
+@dataclass(frozen=True)
+class TrainerSettings:
+    """One trainer comparison: what both trainers are given alike. ``main`` fills it from the command line for the
+    CPU; benchmarks/gpu.py sets ViT-B/32 at 224 px in bf16 on CUDA."""
 
-    Only full shards, a multiple of ``workers`` of them: open_clip_train splits shards over its data workers, and a
-    worker whose shards ran out before its share of batches would end the epoch early."""
-    manifest = store.get_json(manifest_uri)
-    full = [s for s in manifest["shards"] if s["samples"] == SHARD_SIZE]
-    full = full[: len(full) // max(1, workers) * max(1, workers)]
-    if not full:
+    model: str = "tiny"  # a key of MODELS or an open_clip config name (e.g. ViT-B-32)
+    batch: int = 128
+    epochs: int = 4
+    workers: int = 2
+    threads: int | None = 2  # OMP_NUM_THREADS of every process; None leaves torch's default (a GPU run)
+    precision: str = "fp32"  # fp32 or amp_bf16, given to both trainers
+    device: str = "cpu"
+    log_every: int = 5
+    warmup_share: float = 0.2
+    repeats: int = 2
+    per_source: int = 1000
+    raw_side: int = 64
+    # copy: open_clip_train reads the training shards' own images under its field names (the same bytes, no resize
+    # left to do); raw: it reads img2dataset's raw shards (raw_side px) and crops them, as it would in real use
+    open_clip_data: Literal["copy", "raw"] = "copy"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return MODELS[self.model] if self.model in MODELS else model_config(self.model)
+
+    @property
+    def image_size(self) -> int:
+        return tower_sizes(self.config).image_size
+
+
+@dataclass(frozen=True)
+class TrainerData:
+    raw: list[tuple[Path, int]]  # img2dataset's shards: (path, samples)
+    manifest: str  # the training shards' manifest
+    samples: int  # training samples
+
+
+def make_data(root: Path, settings: TrainerSettings) -> TrainerData:
+    """The demo source through the real ingest and preprocess stages, images stored at the model's size."""
+    with quiet_fds(root / "make_shards.log"):
+        raw, manifest, n, _ = make_shards(root, settings.per_source, settings.image_size, settings.raw_side)
+    return TrainerData(raw, manifest, n)
+
+
+def whole_worker_shards(shards: list[Any], workers: int) -> list[Any]:
+    """A multiple of ``workers`` of the shards: open_clip_train splits shards over its data workers, and a worker
+    whose shards ran out before its share of batches would end the epoch early."""
+    kept = shards[: len(shards) // max(1, workers) * max(1, workers)]
+    if not kept:
         raise SystemExit(f"need at least {max(1, workers)} full shards of {SHARD_SIZE}; raise --per-source")
+    return kept
+
+
+def open_clip_copy(manifest_uri: str, out: Path, workers: int, image_size: int) -> tuple[str, int]:
+    """Copy whole training shards with open_clip's field names; returns (brace pattern, samples)."""
+    manifest = store.get_json(manifest_uri)
+    full = whole_worker_shards([s for s in manifest["shards"] if s["samples"] == SHARD_SIZE], workers)
     out.mkdir(parents=True)
     image_suffix = f".img{image_size}.jpg"
     for i, shard in enumerate(full):
@@ -118,12 +166,24 @@ def open_clip_copy(manifest_uri: str, out: Path, workers: int, image_size: int) 
     return f"{out}/shard-{{00000..{len(full) - 1:05d}}}.tar", len(full) * SHARD_SIZE
 
 
+def open_clip_data(root: Path, data: TrainerData, settings: TrainerSettings) -> tuple[str, int]:
+    """open_clip_train's --train-data and the samples of one epoch (both trainers' epoch length)."""
+    if settings.open_clip_data == "copy":
+        return open_clip_copy(data.manifest, root / "open_clip_shards", settings.workers, settings.image_size)
+    full = whole_worker_shards([path for path, samples in data.raw if samples == SHARD_SIZE], settings.workers)
+    # preprocess may drop a few raw samples: clipline's epoch must not be longer than its training set
+    epoch_samples = min(len(full) * SHARD_SIZE, data.samples // settings.batch * settings.batch)
+    return "::".join(str(path) for path in full), epoch_samples
+
+
 # ----------------------------------------------------------------------------------------------- part 1: runs
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "NO_ALBUMENTATIONS_UPDATE": "1"}
+def thread_env(threads: int | None) -> dict[str, str]:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
 
 
 def run_logged(name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> float:
@@ -137,26 +197,27 @@ def run_logged(name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -
     return time.perf_counter() - started
 
 
-def clipline_rates(root: Path, manifest: str, args: argparse.Namespace, epoch_samples: int,
+def clipline_rates(root: Path, manifest: str, settings: TrainerSettings, epoch_samples: int,
                    attempt: int) -> dict[str, Any]:
-    """clipline's trainer on the training shards: samples/s per --log-every window, from its log.jsonl."""
-    steps = args.epochs * epoch_samples // args.batch
+    """clipline's trainer on the training shards: samples/s per log_every window, from its log.jsonl."""
+    steps = settings.epochs * epoch_samples // settings.batch
     recipe = {  # one full-token stage; no checkpoint before the stage end, which the windows leave out
-        "name": "bench-trainer", "seed": 0, "model": {"config": MODELS[args.model]}, "objective": {"name": "clip"},
-        "batch_size": args.batch, "precision": "fp32",
+        "name": "bench-trainer", "seed": 0, "model": {"config": settings.config}, "objective": {"name": "clip"},
+        "batch_size": settings.batch, "precision": settings.precision,
         "optimizer": {"name": "adamw", "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY,
                       "grad_clip_norm": GRAD_CLIP},
-        "stages": [{"name": "full", "samples": steps * args.batch, "base_lr": BASE_LR, "warmup": WARMUP}],
+        "stages": [{"name": "full", "samples": steps * settings.batch, "base_lr": BASE_LR, "warmup": WARMUP}],
         "checkpoint": {"every_steps": 100_000, "every_minutes": None, "keep": 1},
-        "data": {"workers": args.workers, "epoch_samples": epoch_samples},
+        "data": {"workers": settings.workers, "epoch_samples": epoch_samples},
     }
     recipe_path = root / "recipe.yaml"
     recipe_path.write_text(json.dumps(recipe, indent=2))  # JSON is YAML
     output = root / f"clipline-run-{attempt}"
     wall = run_logged("clipline", [
         sys.executable, "-m", "components.train.main", "--recipe", str(recipe_path), "--data", manifest,
-        "--output", output.as_uri(), "--log-every", str(args.log_every), "--resume", "never", "--device", "cpu",
-    ], root / f"clipline-{attempt}.log", thread_env(args.threads))
+        "--output", output.as_uri(), "--log-every", str(settings.log_every), "--resume", "never",
+        "--device", settings.device,
+    ], root / f"clipline-{attempt}.log", thread_env(settings.threads))
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     windows = [(r["step"], r["samples_per_s"]) for r in records if "samples_per_s" in r]
     return {"steps": steps, "wall_s": wall, "windows": windows}
@@ -165,31 +226,32 @@ def clipline_rates(root: Path, manifest: str, args: argparse.Namespace, epoch_sa
 STEP_LINE = re.compile(r"Train Epoch: \d+ \[.*?Batch \(t\): [\d.]+, ([\d.eE+-]+)/s,")
 
 
-def open_clip_rates(root: Path, pattern: str, epoch_samples: int, args: argparse.Namespace,
+def open_clip_rates(root: Path, train_data: str, epoch_samples: int, settings: TrainerSettings,
                     attempt: int) -> dict[str, Any]:
-    """open_clip_train on the copied shards: per-step times from its log, summed into --log-every windows."""
+    """open_clip_train on its shards: per-step times from its log, summed into log_every windows."""
     config_dir = root / "open_clip_configs"
     config_dir.mkdir(exist_ok=True)
-    (config_dir / f"{OC_MODEL_NAME}.json").write_text(json.dumps(MODELS[args.model]))
-    steps = args.epochs * epoch_samples // args.batch
+    (config_dir / f"{OC_MODEL_NAME}.json").write_text(json.dumps(settings.config))
+    steps = settings.epochs * epoch_samples // settings.batch
     launcher = ("import open_clip, sys; open_clip.add_model_config(sys.argv.pop(1)); "
                 "from open_clip_train.main import main; main(sys.argv[1:])")
-    lr = BASE_LR * args.batch / 256  # clipline's rule (recipe.lr), given to open_clip_train as is
+    lr = BASE_LR * settings.batch / 256  # clipline's rule (recipe.lr), given to open_clip_train as is
     wall = run_logged("open_clip_train", [
         sys.executable, "-c", launcher, str(config_dir), "--model", OC_MODEL_NAME,
-        "--train-data", pattern, "--dataset-type", "webdataset", "--train-num-samples", str(epoch_samples),
-        "--batch-size", str(args.batch), "--epochs", str(args.epochs), "--workers", str(args.workers),
-        "--precision", "fp32", "--device", "cpu", "--lr", str(lr), "--wd", str(WEIGHT_DECAY),
+        "--train-data", train_data, "--dataset-type", "webdataset", "--train-num-samples", str(epoch_samples),
+        "--batch-size", str(settings.batch), "--epochs", str(settings.epochs), "--workers", str(settings.workers),
+        "--precision", settings.precision, "--device", settings.device, "--lr", str(lr), "--wd", str(WEIGHT_DECAY),
         "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]), "--eps", str(EPS), "--grad-clip-norm", str(GRAD_CLIP),
         "--warmup", str(round(WARMUP * steps)), "--log-every-n-steps", "1", "--save-frequency", "0",
         "--report-to", "", "--logs", str(root / "open_clip_logs"), "--name", f"bench-{attempt}", "--seed", "0",
-    ], root / f"open_clip-{attempt}.log", thread_env(args.threads))
+    ], root / f"open_clip-{attempt}.log", thread_env(settings.threads))
     text = (root / "open_clip_logs" / f"bench-{attempt}" / "out.log").read_text()
-    step_seconds = [args.batch / float(rate) for rate in STEP_LINE.findall(text)]
+    step_seconds = [settings.batch / float(rate) for rate in STEP_LINE.findall(text)]
     if len(step_seconds) != steps:
         raise SystemExit(f"open_clip_train logged {len(step_seconds)} steps, expected {steps}")
-    windows = [(end, args.log_every * args.batch / sum(step_seconds[end - args.log_every:end]))
-               for end in range(args.log_every, steps + 1, args.log_every)]
+    every = settings.log_every
+    windows = [(end, every * settings.batch / sum(step_seconds[end - every:end]))
+               for end in range(every, steps + 1, every)]
     return {"steps": steps, "wall_s": wall, "windows": windows}
 
 
@@ -220,33 +282,30 @@ def quiet_fds(log_path: Path) -> Iterator[None]:
                 os.close(copy)
 
 
-def trainer_part(args: argparse.Namespace) -> dict[str, Any]:
-    image_size = MODELS[args.model]["vision_cfg"]["image_size"]
-    with tempfile.TemporaryDirectory(prefix="clipline-trainer-bench-") as tmp:
-        root = Path(tmp)
-        t0 = time.perf_counter()
-        with quiet_fds(root / "make_shards.log"):
-            _, manifest, n, _ = make_shards(root, args.per_source, image_size, args.raw_side)
-        pattern, epoch_samples = open_clip_copy(manifest, root / "open_clip_shards", args.workers, image_size)
-        steps = args.epochs * epoch_samples // args.batch
-        print(f"data: {n} training samples at {image_size} px made in {time.perf_counter() - t0:.0f} s; both runs "
-              f"read the first {epoch_samples} ({epoch_samples // SHARD_SIZE} shards) per epoch")
-        print(f"model {args.model}, batch {args.batch}, {args.epochs} epochs = {steps} steps, fp32, CPU, 1 process, "
-              f"{args.workers} data workers, OMP_NUM_THREADS={args.threads}, windows of {args.log_every} steps, "
-              f"median after the first {args.warmup_share:.0%} of the steps, runs of each: {args.repeats}")
-        runs: dict[str, list[dict[str, Any]]] = {"open_clip_train": [], "clipline": []}
-        for attempt in range(args.repeats):  # ABBA order: a load that drifts during the runs hits both alike
-            order = ("open_clip_train", "clipline") if attempt % 2 == 0 else ("clipline", "open_clip_train")
-            for name in order:
-                runs[name].append(open_clip_rates(root, pattern, epoch_samples, args, attempt)
-                                  if name == "open_clip_train" else
-                                  clipline_rates(root, manifest, args, epoch_samples, attempt))
+def compare_trainers(settings: TrainerSettings, root: Path, data: TrainerData) -> dict[str, Any]:
+    """Both trainers on the same images, --repeats runs of each in ABBA order; prints the table, returns figures."""
+    train_data, epoch_samples = open_clip_data(root, data, settings)
+    steps = settings.epochs * epoch_samples // settings.batch
+    print(f"data: {data.samples} training samples at {settings.image_size} px; both runs read {epoch_samples} "
+          f"({epoch_samples // SHARD_SIZE} shards) per epoch, open_clip_train from "
+          f"{'copies of the training shards' if settings.open_clip_data == 'copy' else 'the raw shards'}")
+    print(f"model {settings.model}, batch {settings.batch}, {settings.epochs} epochs = {steps} steps, "
+          f"{settings.precision}, {settings.device}, 1 process, {settings.workers} data workers, "
+          f"OMP_NUM_THREADS={settings.threads or 'default'}, windows of {settings.log_every} steps, "
+          f"median after the first {settings.warmup_share:.0%} of the steps, runs of each: {settings.repeats}")
+    runs: dict[str, list[dict[str, Any]]] = {"open_clip_train": [], "clipline": []}
+    for attempt in range(settings.repeats):  # ABBA order: a load that drifts during the runs hits both alike
+        order = ("open_clip_train", "clipline") if attempt % 2 == 0 else ("clipline", "open_clip_train")
+        for name in order:
+            runs[name].append(open_clip_rates(root, train_data, epoch_samples, settings, attempt)
+                              if name == "open_clip_train" else
+                              clipline_rates(root, data.manifest, settings, epoch_samples, attempt))
     figures = {}
     for name, rs in runs.items():
-        per_run = [statistics.median(after_warmup(run, args.warmup_share)) for run in rs]
+        per_run = [statistics.median(after_warmup(run, settings.warmup_share)) for run in rs]
         figures[name] = {"samples_per_s": max(per_run), "per_run_samples_per_s": per_run,
                          "pooled_median_samples_per_s": statistics.median(
-                             r for run in rs for r in after_warmup(run, args.warmup_share)),
+                             r for run in rs for r in after_warmup(run, settings.warmup_share)),
                          "steps": rs[0]["steps"], "wall_s": [round(run["wall_s"], 1) for run in rs]}
     ratio = figures["clipline"]["samples_per_s"] / figures["open_clip_train"]["samples_per_s"]
     print(f"{'trainer':<18}{'samples/s':>11}{'per run':>18}{'steps':>7}{'wall s per run':>18}")
@@ -256,10 +315,16 @@ def trainer_part(args: argparse.Namespace) -> dict[str, Any]:
     print(f"ratio clipline / open_clip_train: {ratio:.2f}x (target >= 1.0, goal >= 1.25)\n"
           "samples/s: the best run's median window; wall s: the whole process, start-up, data-worker starts and the "
           "final checkpoint included")
-    return {"model": args.model, "model_config": MODELS[args.model], "batch": args.batch, "epochs": args.epochs,
-            "workers": args.workers, "threads": args.threads, "repeats": args.repeats, "samples": n,
-            "epoch_samples": epoch_samples,
-            **figures, "ratio": ratio}
+    return {**asdict(settings), "model_config": settings.config, "samples": data.samples,
+            "epoch_samples": epoch_samples, **figures, "ratio": ratio}
+
+
+def trainer_part(settings: TrainerSettings) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="clipline-trainer-bench-") as tmp:
+        t0 = time.perf_counter()
+        data = make_data(Path(tmp), settings)
+        print(f"data made in {time.perf_counter() - t0:.0f} s")
+        return compare_trainers(settings, Path(tmp), data)
 
 
 # ---------------------------------------------------------------------------------------------- part 2: CLIPA
@@ -361,7 +426,10 @@ def main() -> None:
 
     figures = {"cpu_count": os.cpu_count(), "torch": torch.__version__}
     if args.only in (None, "trainer"):
-        figures["trainer"] = trainer_part(args)
+        figures["trainer"] = trainer_part(TrainerSettings(
+            model=args.model, batch=args.batch, epochs=args.epochs, workers=args.workers, threads=args.threads,
+            log_every=args.log_every, warmup_share=args.warmup_share, repeats=args.repeats,
+            per_source=args.per_source, raw_side=args.raw_side))
     if args.only in (None, "clipa"):
         figures["clipa"] = clipa_part(args)
     if args.json:

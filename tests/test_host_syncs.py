@@ -2,8 +2,8 @@
 
 On a GPU, ``.item()``, ``float(t)``, ``.cpu()``, ``.tolist()``, ``if t`` and friends wait for every kernel queued so
 far, so one of them per step keeps the GPU idle while the host prepares the next step. This test counts such calls
-made from clipline's own code (frames under components/) while the loop's ``_step`` runs, in a real CPU training run
-of each objective; library internals are the GPU check's job (benchmarks/gpu.py runs a step under
+made from clipline's own code (frames under components/) while the loop's ``train_step`` runs, in a real CPU training
+run of each objective; library internals are the GPU check's job (benchmarks/gpu.py runs a step under
 ``torch.cuda.set_sync_debug_mode("error")``)."""
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ CASES = [(o, 1) for o in OBJECTIVES] + [(OBJECTIVES[0], 2), (OBJECTIVES[5], 4)] 
 def test_a_training_step_reads_nothing_on_the_host(objective, accumulation, data, s3_prefix, monkeypatch):
     reads = HostReads(monkeypatch)
     steps = []
-    step = loop._step
+    step = loop.train_step
 
     def recorded(*args, **kwargs):
         steps.append(1)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_step", reads.around(recorded))
+    monkeypatch.setattr(loop, "train_step", reads.around(recorded))
     doc = recipe_dict(objective, stage1=128, stage2=64)
     doc["checkpoint"] = {"every_steps": None, "every_minutes": None}
     doc["grad_accumulation"] = accumulation
@@ -99,6 +99,6 @@ def test_the_counter_sees_a_host_read(monkeypatch):
     reads = HostReads(monkeypatch)
     reads.around(lambda: float(torch.tensor(1.0)))()  # from this test file
     assert reads.calls == []
-    # The loop's checkpoint-timer agreement reads a flag on the host (at log steps only, outside _step).
+    # The loop's checkpoint-timer agreement reads a flag on the host (at log steps only, outside train_step).
     assert reads.around(loop._minutes_passed)(0.0, 1.0, World(), torch.device("cpu")) is True
     assert len(reads.calls) == 1 and reads.calls[0].startswith("item at ") and "loop.py" in reads.calls[0]

@@ -34,7 +34,12 @@ def precision(recipe: Recipe, device: torch.device) -> str:
 
 
 def autocast(recipe: Recipe, device: torch.device) -> ContextManager:
-    if precision(recipe, device) == "amp_bf16":
+    return precision_autocast(precision(recipe, device), device)
+
+
+def precision_autocast(resolved: str, device: torch.device) -> ContextManager:
+    """The autocast context of a resolved precision (``amp_bf16`` or ``fp32``): the recipe's, or a benchmark's."""
+    if resolved == "amp_bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -237,7 +237,9 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
         objective.on_epoch_start(stage_plan.first_epoch + epoch)
         for batch in accelerator.on_device(loader.epoch(epoch, start_step=epoch_step), device):
             lr = set_lr(optimizer, schedule_factor(current.step, stage_plan.steps, warmup_steps))
-            result = _step(run, current, forward, no_sync, autocast, batch)
+            result = train_step(model, forward, objective, optimizer, batch,
+                                grad_clip_norm=recipe.optimizer.grad_clip_norm,
+                                micro_batches=recipe.grad_accumulation, autocast=autocast, no_sync=no_sync)
             current.step += 1
             interval_steps += 1
             step, global_step = current.step, plan.global_step(stage_plan.index, current.step)
@@ -274,18 +276,21 @@ def _run_stage(run: Run, stage_plan: StagePlan, model: nn.Module, saved: dict | 
     }
 
 
-def _step(run: Run, current: StageState, forward: Callable, no_sync: Callable[[], ContextManager],
-          autocast: ContextManager, batch: Batch) -> ObjectiveOutput:
-    """Forward, the objective's loss and backward (DDP averages the gradients; micro-batches when the recipe
-    accumulates), clipping, and the optimizer step with the objective's temperature rules. Nothing here reads a
+def train_step(model: nn.Module, forward: Callable, objective: Objective, optimizer: torch.optim.Optimizer,
+               batch: Batch, *, grad_clip_norm: float | None = None, micro_batches: int = 1,
+               autocast: ContextManager | None = None,
+               no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> ObjectiveOutput:
+    """One training step: forward, the objective's loss and backward (DDP averages the gradients; micro-batches when
+    the recipe accumulates), clipping, and the optimizer step with the objective's temperature rules. ``forward`` is
+    ``model`` or its DDP / compiled wrapper. Public so that benchmarks/ time this very step. Nothing here reads a
     device value on the host, so on a GPU the host queues the next step while this one runs
     (tests/test_host_syncs.py)."""
-    current.optimizer.zero_grad(set_to_none=True)
-    result = gradients(forward, run.objective, batch.images, batch.texts, batch.indices,
-                       micro_batches=run.recipe.grad_accumulation, autocast=autocast, no_sync=no_sync)
-    if run.recipe.optimizer.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(current.model.parameters(), run.recipe.optimizer.grad_clip_norm)
-    run.objective.optimizer_step(current.model, current.optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    result = gradients(forward, objective, batch.images, batch.texts, batch.indices, micro_batches=micro_batches,
+                       autocast=autocast, no_sync=no_sync)
+    if grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    objective.optimizer_step(model, optimizer)
     return result
 
 

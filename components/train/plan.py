@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from components.common.config import ConfigError
 from components.common.open_clip_models import TowerSizes, model_config, tower_sizes
-from components.common.recipe import Recipe, Stage
+from components.common.recipe import ObjectiveSpec, Recipe, Stage
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,10 @@ class ModelSizes(TowerSizes):
     config: dict  # the open_clip config the run trains (model_kwargs applied)
 
 
-def model_kwargs(recipe: Recipe) -> dict:
+def model_kwargs(objective: ObjectiveSpec) -> dict:
     """Arguments ``open_clip.create_model`` needs beyond the config: SigLIP needs a logit bias in the model."""
-    if recipe.objective.name == "siglip":
-        return {"init_logit_bias": recipe.objective.siglip.init_logit_bias}
+    if objective.name == "siglip":
+        return {"init_logit_bias": objective.siglip.init_logit_bias}
     return {}
 
 
@@ -34,7 +34,7 @@ def model_sizes(recipe: Recipe) -> ModelSizes:
         config = dict(model_config(recipe.model))
     except ValueError:
         raise ConfigError("recipe", [f"model.name: {recipe.model.name!r} is not an open_clip model config"]) from None
-    config.update(model_kwargs(recipe))
+    config.update(model_kwargs(recipe.objective))
     return ModelSizes(**vars(tower_sizes(config)), config=config)
 
 

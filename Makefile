@@ -37,7 +37,7 @@ test: install
 demo: install
 	$(BIN)/clipline run --recipe configs/demo.yaml
 
-# Every benchmark in one run: tables on stdout; results.json, logs and plots in bench-results/ (44 min on 2 cores).
+# Every benchmark in one run: tables on stdout; results.json, logs and plots in bench-results/ (~2 h 20 min on 2 cores).
 bench: install
 	$(BIN)/python benchmarks/run_all.py --out bench-results
 

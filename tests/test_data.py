@@ -193,8 +193,9 @@ name: tiny
 model: {name: tiny-clip}
 batch_size: 8
 stages:
-  - {name: pretrain, samples: 100, base_lr: 1.0e-3, image: {size: 16}, text: {length: 8, mask: syntax}}
-  - {name: finetune, samples: 100, base_lr: 1.0e-4}
+  - {name: pretrain, samples: 100, base_lr: 1.0e-3, image: {size: 16}, text: {length: 8, mask: syntax},
+     augment: {scale: [0.4, 1.0]}}
+  - {name: finetune, samples: 100, base_lr: 1.0e-4, augment: none}
 data: {workers: 0, shuffle_buffer: 8}
 """)
     world = World(rank=1, size=2)
@@ -206,6 +207,8 @@ data: {workers: 0, shuffle_buffer: 8}
     assert first.images.shape == (4, 3, 16, 16) and first.texts.shape == (4, 8)
     assert torch.equal(first.texts[0], PLAIN(syntax_masked_text(WORDS, POS_ORDER, 8), context_length=8)[0])
     assert next(finetune.epoch(0)).images.shape == (4, 3, 32, 32) and finetune.steps_per_epoch == N // 8
+    # each stage its own augmentation
+    assert pretrain.plan.augment == Augmentation(scale=(0.4, 1.0)) and finetune.plan.augment is None
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -254,20 +257,3 @@ def test_augmented_batches_repeat_exactly_on_resume_and_differ_by_epoch(textured
     augmented = by_index(full)
     assert all(not torch.equal(augmented[i], plain[i]) for i in augmented)
     assert all(not torch.equal(augmented[i], other[i]) for i in augmented if i in other)  # a fresh draw each epoch
-
-
-def test_each_stage_gets_its_own_augmentation(manifest):
-    recipe = parse_recipe("""
-name: tiny
-model: {name: tiny-clip}
-batch_size: 8
-stages:
-  - {name: pretrain, samples: 100, base_lr: 1.0e-3, augment: {scale: [0.4, 1.0]}}
-  - {name: finetune, samples: 100, base_lr: 1.0e-4, augment: none}
-data: {workers: 0, shuffle_buffer: 8}
-""")
-    sizes = ModelSizes(image_size=32, patch_size=8, context_length=16, embed_dim=8, config={})
-    plan = train_plan(recipe, sizes, steps_per_epoch=N // 8)
-    pretrain, finetune = (stage_loader(manifest, recipe, stage, world=World(), model_context_length=16)
-                          for stage in plan.stages)
-    assert pretrain.plan.augment == Augmentation(scale=(0.4, 1.0)) and finetune.plan.augment is None

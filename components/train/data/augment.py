@@ -19,16 +19,15 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from components.common.recipe import Augmentation
+from components.preprocess.filters import resize_center_crop
 
 _BICUBIC = InterpolationMode.BICUBIC
 
 
 def fit(image: Image.Image, size: int) -> Image.Image:
-    """The stored pixels, resized (shorter side) and centre-cropped to size x size only if they are another size:
-    open_clip's evaluation transform, which preprocess already applied when it stored the image."""
-    if image.size == (size, size):
-        return image
-    return TF.center_crop(TF.resize(image, size, interpolation=_BICUBIC), [size, size])
+    """The stored pixels; resized and centre-cropped (preprocess's own rule, open_clip's evaluation geometry) only
+    if a shard holds another size."""
+    return image if image.size == (size, size) else resize_center_crop(image, size)
 
 
 def augment(image: Image.Image, size: int, aug: Augmentation, rng: random.Random) -> Image.Image:

@@ -145,8 +145,10 @@ def make_data(root: Path, per_source: int, raw_side: int, workers: int,
 
 
 def recipe_doc(objective: dict[str, Any], batch: int, seed: int, samples: int, base_lr: float, evals: int,
-               workers: int, stage1_image: dict | None = None, finetune_share: float = 0.0) -> dict[str, Any]:
-    """One run's recipe: one full-token stage, or CLIPA's stage 1 (``stage1_image``) + a full-token finetune."""
+               workers: int, stage1_image: dict | None = None, finetune_share: float = 0.0,
+               augment: bool = True) -> dict[str, Any]:
+    """One run's recipe: one full-token stage, or CLIPA's stage 1 (``stage1_image``) + a full-token finetune; every
+    stage with the recipe's default train-time augmentation, or none (``augment=False``, the eval transform)."""
     steps = samples // batch
     if stage1_image is None:
         stages = [{"name": "full", "samples": steps * batch, "base_lr": base_lr}]
@@ -156,6 +158,8 @@ def recipe_doc(objective: dict[str, Any], batch: int, seed: int, samples: int, b
                    "image": stage1_image, "text": STAGE1_TEXT},
                   {"name": "finetune", "samples": finetune_steps * batch, "base_lr": base_lr * FINETUNE_LR_FACTOR,
                    "warmup": FINETUNE_WARMUP}]
+    if not augment:
+        stages = [{**stage, "augment": "none"} for stage in stages]
     return {
         "name": "bench-quality", "seed": seed, "model": {"config": MODEL}, "objective": objective,
         "batch_size": batch, "precision": "fp32", "stages": stages,
@@ -288,7 +292,7 @@ def quality_part(root: Path, data: dict[str, Any], args: argparse.Namespace) -> 
             for objective in args.objectives:
                 tag = f"{objective}-b{batch}-s{seed}"
                 run = run_one(root, data, recipe_doc(OBJECTIVES[objective], batch, seed, args.samples, args.base_lr,
-                                                     args.evals, args.workers), tag)
+                                                     args.evals, args.workers, augment=args.augment), tag)
                 runs[objective][batch].append(run)
                 if args.json:  # partial figures after every run: a run cut short still leaves them
                     args.json.write_text(json.dumps({"partial_runs": runs}, default=str) + "\n")
@@ -377,14 +381,15 @@ def clipa_part(root: Path, data: dict[str, Any], args: argparse.Namespace,
             print(f"  full tokens, seed {seed}: the part-1 run {reused[seed]['tag']}", flush=True)
         else:
             run = run_one(root, data, recipe_doc(OBJECTIVES[objective], batch, seed, args.samples, args.base_lr,
-                                                 args.evals, args.workers), f"clipa-full-s{seed}")
+                                                 args.evals, args.workers, augment=args.augment),
+                         f"clipa-full-s{seed}")
             groups["full tokens"].append(run)
             print(f"  full tokens, seed {seed}: wall {run['wall_s']:.1f} s", flush=True)
         for name, image in CLIPA_IMAGES.items():
             tag = f"clipa-{name.split()[0]}-s{seed}"
             run = run_one(root, data, recipe_doc(OBJECTIVES[objective], batch, seed, args.samples, args.base_lr,
                                                  args.evals, args.workers, stage1_image=image,
-                                                 finetune_share=args.clipa_finetune), tag)
+                                                 finetune_share=args.clipa_finetune, augment=args.augment), tag)
             label = f"{name} + ft"
             groups.setdefault(label, []).append(run)
             f = run["final"]
@@ -469,7 +474,7 @@ def variants_part(root: Path, data: dict[str, Any], args: argparse.Namespace) ->
     for seed in range(args.variant_seeds):
         for n, (label, objective) in enumerate(chosen.items()):
             run = run_one(root, data, recipe_doc(objective, batch, seed, args.samples, args.base_lr, args.evals,
-                                                 args.workers), f"variant{n}-s{seed}")
+                                                 args.workers, augment=args.augment), f"variant{n}-s{seed}")
             groups[label].append(run)
             print(f"  {label:<28} seed {seed}: mean acc1 {100 * run['final']['mean_acc1']:5.1f}, final τ "
                   f"{run['final']['tau']:.3f}, wall {run['wall_s']:.0f} s", flush=True)
@@ -610,6 +615,8 @@ def main() -> None:
     parser.add_argument("--variant-seeds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", help="part 3: only the settings whose label starts with one of these")
     parser.add_argument("--only", choices=("quality", "clipa", "variants"), help="run one part only")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="train without augmentation (every stage's augment: none), the ablation of the default")
     parser.add_argument("--out", type=Path, help="directory for the PNG plots")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()

@@ -92,6 +92,21 @@ def test_parity_statistics_and_recipe_overrides():
         with_overrides(doc, {"optimiser.eps": 1e-8})
 
 
+def test_quality_ablation_turns_augmentation_off_in_every_stage():
+    from quality import OBJECTIVES, recipe_doc
+
+    from components.common.config import load
+    from components.common.recipe import Augmentation, Recipe
+
+    def stages(augment: bool):
+        doc = recipe_doc(OBJECTIVES["clip"], 256, 0, 4096, 2e-3, 2, 1, stage1_image={"size": 16}, finetune_share=0.2,
+                         augment=augment)
+        return load(Recipe, doc, "bench").stages
+
+    assert [s.augment for s in stages(True)] == [Augmentation(), Augmentation()]  # the default a user starts from
+    assert [s.augment for s in stages(False)] == [None, None]
+
+
 def test_update_readme_replaces_only_the_marked_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n{BEGIN}\nold figures\n{END}\nafter\n")

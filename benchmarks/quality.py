@@ -4,7 +4,7 @@
         [--seeds 3] [--objectives clip siglip fastclip-v3 amorlip-log_l2] [--evals 4] [--base-lr 2e-3]
         [--workers 1] [--threads 2] [--clipa-seeds 1] [--clipa-objective clip] [--clipa-finetune 0.2]
         [--only quality|clipa|variants] [--variant-batch 64] [--variant-seeds 2] [--variants PREFIX ...]
-        [--out DIR] [--json PATH]
+        [--no-augment] [--out DIR] [--json PATH]
 
 Data: made once, in this run, by the real stages from the offline demo source (as in ``benchmarks/loader.py``):
 ``ingest_demo`` (--per-source images per source, raw JPEGs at --raw-side px, 10 % per source held out) and
@@ -15,7 +15,8 @@ openclipart (zero-shot classification) and emoji_names (retrieval).
 Part 1, objectives at small batch. For each objective x global batch (--batches) x seed (0 .. --seeds-1) the trainer
 (``components.train.loop.train``, in this process, one rank, ``World()``, CPU, fp32) trains the same tiny open_clip
 model (``trainer.py``'s tiny: embed 64, ViT 2x64 patch 8 at 32 px, text 2x64 at 16 tokens) at full tokens, one stage,
-for the same number of samples (--samples). The recipe's seed changes the model's initial weights and the data order.
+for the same number of samples (--samples), with the recipe's default train-time augmentation (open_clip_train's
+random resized crop, scale 0.9-1.0) or, with --no-augment (the ablation), none: the evaluation transform. The recipe's seed changes the model's initial weights and the data order.
 Hyperparameters are the recipe defaults (``components/common/recipe.py``: every objective's own settings block,
 AdamW betas 0.9/0.95, weight decay 0.2, grad clip 1.0, 5 % warmup then cosine) with lr = --base-lr x batch / 256
 (the recipe's rule; 2e-3 is the demo recipe's pretrain base lr). A checkpoint is saved every 1/--evals of the steps;

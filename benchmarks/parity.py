@@ -40,7 +40,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -57,7 +56,7 @@ sys.path.insert(0, str(BENCHMARKS))  # quality.py's and trainer.py's helpers
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-from quality import make_data  # noqa: E402
+from quality import difference, make_data, mean_std  # noqa: E402
 from trainer import MODELS, quiet_fds, run_logged, thread_env  # noqa: E402
 
 from components.common import store  # noqa: E402
@@ -177,16 +176,6 @@ def run_open_clip(root: Path, data: dict[str, Any], model: dict, seed: int, epoc
 
 
 # ------------------------------------------------------------------------------------------------------ statistics
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def difference(ours: list[float], theirs: list[float]) -> tuple[float, float]:
-    """(mean(ours) - mean(theirs), its standard error; 0 with one run each)."""
-    (a, sa), (b, sb) = mean_std(ours), mean_std(theirs)
-    return a - b, math.sqrt(sa * sa / len(ours) + sb * sb / len(theirs))
 
 
 def below(diff: float, se: float) -> bool:

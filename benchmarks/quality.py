@@ -16,7 +16,8 @@ Part 1, objectives at small batch. For each objective x global batch (--batches)
 (``components.train.loop.train``, in this process, one rank, ``World()``, CPU, fp32) trains the same tiny open_clip
 model (``trainer.py``'s tiny: embed 64, ViT 2x64 patch 8 at 32 px, text 2x64 at 16 tokens) at full tokens, one stage,
 for the same number of samples (--samples), with the recipe's default train-time augmentation (open_clip_train's
-random resized crop, scale 0.9-1.0) or, with --no-augment (the ablation), none: the evaluation transform. The recipe's seed changes the model's initial weights and the data order.
+random resized crop, scale 0.9-1.0) or, with --no-augment (the ablation), none: the evaluation transform. The
+recipe's seed changes the model's initial weights and the data order.
 Hyperparameters are the recipe defaults (``components/common/recipe.py``: every objective's own settings block,
 AdamW betas 0.9/0.95, weight decay 0.2, grad clip 1.0, 5 % warmup then cosine) with lr = --base-lr x batch / 256
 (the recipe's rule; 2e-3 is the demo recipe's pretrain base lr). A checkpoint is saved every 1/--evals of the steps;
@@ -233,6 +234,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def difference(ours: list[float], theirs: list[float]) -> tuple[float, float]:
+    """(mean(ours) - mean(theirs), its standard error; 0 with one run each)."""
+    (a, sa), (b, sb) = mean_std(ours), mean_std(theirs)
+    return a - b, math.sqrt(sa * sa / len(ours) + sb * sb / len(theirs))
+
+
 def pct(values: list[float]) -> str:
     m, s = mean_std(values)
     return f"{100 * m:5.1f} ± {100 * s:4.1f}"
@@ -359,9 +366,7 @@ def differences(groups: dict[str, list[dict[str, Any]]], base: list[dict[str, An
     base_values = [r["final"][key] for r in base]
     parts = []
     for label, runs in groups.items():
-        mine = [r["final"][key] for r in runs]
-        diff = statistics.mean(mine) - statistics.mean(base_values)
-        se = math.sqrt(sum(statistics.stdev(v) ** 2 / len(v) if len(v) > 1 else 0.0 for v in (mine, base_values)))
+        diff, se = difference([r["final"][key] for r in runs], base_values)
         parts.append(f"{label} {100 * diff:+.1f} ± {100 * se:.1f}")
     return ", ".join(parts)
 

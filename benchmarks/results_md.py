@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/results_md.py bench-results [--readme README.md --plots docs/bench]
     .venv/bin/python benchmarks/results_md.py --variants PART3.json ...
+    .venv/bin/python benchmarks/results_md.py --ablation DEFAULTS.json ABLATION.json
 
 ``render`` turns the figures into Markdown; ``run_all.py`` writes it to ``<out>/RESULTS.md`` after every run. With
 ``--readme`` the text between the README's ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` markers is replaced
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,26 @@ def variants_table(paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ablation_table(defaults: Path, ablation: Path) -> str:
+    """Two quality.py ``--json`` runs that differ in one setting (e.g. ``--no-augment``): for every setting in both
+    (part 1's objective and batch, part 2's CLIPA rows), defaults minus ablation in each metric ± its standard
+    error."""
+    from quality import difference  # torch and the trainer: only for this table
+
+    figures = [json.loads(path.read_text()) for path in (defaults, ablation)]
+    runs = [{label: rs for part in ("quality", "clipa") for label, rs in (f.get(part) or {}).get("runs", {}).items()}
+            for f in figures]
+    rows = []
+    for label in (label for label in runs[0] if label in runs[1]):
+        ours, theirs = ([[r["final"][key] for r in part[label]] for _, key in METRICS] for part in runs)
+        cells = [f"{100 * d:+.1f} ± {100 * se:.1f}" for d, se in (difference(a, b) for a, b in zip(ours, theirs))]
+        rows.append([label, f"{len(ours[0])} / {len(theirs[0])}",
+                     f"{100 * statistics.mean(ours[0]):.1f} / {100 * statistics.mean(theirs[0]):.1f}", *cells])
+    if not rows:
+        raise SystemExit(f"{defaults} and {ablation} share no setting: nothing to compare")
+    return "\n".join(table(["setting", "seeds", "mean cls acc1 %", *(f"Δ {name}" for name, _ in METRICS)], rows))
+
+
 def render(results: dict[str, Any], plots: str) -> str:
     """Markdown for one run_all.py results.json; ``plots``: where the README finds the run's PNGs."""
     benchmarks = results["benchmarks"]
@@ -176,11 +198,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, nargs="?", help="run_all.py's --out directory (results.json, PNGs)")
     parser.add_argument("--variants", type=Path, nargs="+", help="print one table from these quality.py part-3 JSONs")
+    parser.add_argument("--ablation", type=Path, nargs=2, metavar=("DEFAULTS", "ABLATION"),
+                        help="print defaults minus ablation from two quality.py --json files")
     parser.add_argument("--readme", type=Path, help="replace this file's marked section")
     parser.add_argument("--plots", type=Path, default=Path("docs/bench"), help="where --readme copies the PNGs")
     args = parser.parse_args()
     if args.variants:
         print(variants_table(args.variants))
+        return
+    if args.ablation:
+        print(ablation_table(*args.ablation))
         return
     if args.results is None:
         parser.error("give the results directory or --variants")

@@ -72,7 +72,8 @@ def test_parity_compares_every_held_out_metric_with_open_clip_train(tmp_path):
 
 
 def test_parity_statistics_and_recipe_overrides():
-    from parity import below, difference, parse_variant, with_overrides
+    from parity import below, parse_variant, with_overrides
+    from quality import difference
 
     diff, se = difference([0.5, 0.6, 0.7], [0.8, 0.9, 1.0])
     assert abs(diff + 0.3) < 1e-12 and abs(se - (2 * 0.01 / 3) ** 0.5) < 1e-12 and below(diff, se)
@@ -105,6 +106,28 @@ def test_quality_ablation_turns_augmentation_off_in_every_stage():
 
     assert [s.augment for s in stages(True)] == [Augmentation(), Augmentation()]  # the default a user starts from
     assert [s.augment for s in stages(False)] == [None, None]
+
+
+def test_ablation_table_subtracts_the_ablation_per_shared_setting(tmp_path):
+    from results_md import ablation_table
+
+    def run(acc: float) -> dict:
+        return {"final": {"mean_acc1": acc, "animal_mnist/acc1": 0.5, "t2i_r5": 0.2, "i2t_r5": 0.1}}
+
+    defaults, ablation = tmp_path / "a.json", tmp_path / "b.json"
+    defaults.write_text(json.dumps({"quality": {"runs": {"clip batch 64": [run(0.30), run(0.32)],
+                                                         "siglip batch 64": [run(0.9)]}},
+                                    "clipa": {"runs": {"grid mask + ft": [run(0.25)]}}}))
+    ablation.write_text(json.dumps({"quality": {"runs": {"clip batch 64": [run(0.26), run(0.26)]}},
+                                    "clipa": {"runs": {"grid mask + ft": [run(0.20)]}}}))
+    lines = ablation_table(defaults, ablation).splitlines()
+    # the SE of the difference: the defaults' std 0.0141 over 2 runs, the ablation's 0
+    assert lines[2] == "| clip batch 64 | 2 / 2 | 31.0 / 26.0 | +5.0 ± 1.0 | +0.0 ± 0.0 | +0.0 ± 0.0 | +0.0 ± 0.0 |"
+    assert lines[3].startswith("| grid mask + ft | 1 / 1 | 25.0 / 20.0 | +5.0 ± 0.0 |")
+    assert len(lines) == 4  # header, rule and the two shared settings: siglip is not in both
+    ablation.write_text(json.dumps({"quality": {"runs": {"amorlip batch 64": [run(0.2)]}}}))
+    with pytest.raises(SystemExit, match="share no setting"):
+        ablation_table(defaults, ablation)
 
 
 def test_update_readme_replaces_only_the_marked_section(tmp_path):

@@ -148,7 +148,7 @@ def variants_table(paths: list[Path]) -> str:
 def ablation_table(defaults: Path, ablation: Path) -> str:
     """Two quality.py ``--json`` runs that differ in one setting (e.g. ``--no-augment``): for every setting in both
     (part 1's objective and batch, part 2's CLIPA rows), defaults minus ablation in each metric ± its standard
-    error."""
+    error (the difference alone where a side has one run)."""
     from quality import difference  # torch and the trainer: only for this table
 
     figures = [json.loads(path.read_text()) for path in (defaults, ablation)]
@@ -157,7 +157,10 @@ def ablation_table(defaults: Path, ablation: Path) -> str:
     rows = []
     for label in (label for label in runs[0] if label in runs[1]):
         ours, theirs = ([[r["final"][key] for r in part[label]] for _, key in METRICS] for part in runs)
-        cells = [f"{100 * d:+.1f} ± {100 * se:.1f}" for d, se in (difference(a, b) for a, b in zip(ours, theirs))]
+        # one run on a side has no spread to estimate: print the difference alone rather than a false "± 0.0"
+        one_run = min(len(ours[0]), len(theirs[0])) < 2
+        cells = [f"{100 * d:+.1f}" + ("" if one_run else f" ± {100 * se:.1f}")
+                 for d, se in (difference(a, b) for a, b in zip(ours, theirs))]
         rows.append([label, f"{len(ours[0])} / {len(theirs[0])}",
                      f"{100 * statistics.mean(ours[0]):.1f} / {100 * statistics.mean(theirs[0]):.1f}", *cells])
     if not rows:

@@ -21,7 +21,7 @@ defaults (its ``augment`` block, grad_clip_norm 1.0, shuffle buffer 2000). open_
 (``components.train.loop.train``). Both final models are evaluated by ``components.evaluate.evaluate.evaluate`` on
 the held-out benchmarks (open_clip_train's checkpoint loads as is).
 
-The table shows every metric of every benchmark: mean +- sample standard deviation over the seeds for each trainer,
+The table shows every metric of every benchmark: mean ± sample standard deviation over the seeds for each trainer,
 and clipline minus open_clip_train with its standard error sqrt(s_a^2 / n_a + s_b^2 / n_b); "BELOW" marks a metric
 where clipline is lower by more than two standard errors. Ablation rows (``--variant``, and by default the settings
 that differ between the two tools) rerun clipline with recipe keys changed (dotted paths into the recipe, list items
@@ -57,6 +57,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 from quality import difference, make_data, mean_std  # noqa: E402
+from results_md import pct, points  # noqa: E402
 from trainer import MODELS, quiet_fds, run_logged, thread_env  # noqa: E402
 
 from components.common import store  # noqa: E402
@@ -178,8 +179,9 @@ def run_open_clip(root: Path, data: dict[str, Any], model: dict, seed: int, epoc
 # ------------------------------------------------------------------------------------------------------ statistics
 
 
-def below(diff: float, se: float) -> bool:
-    return se > 0 and diff < -2 * se
+def below(diff: float, se: float | None) -> bool:
+    """Lower by more than two standard errors; no verdict without one (a side with one run, or no spread)."""
+    return bool(se) and diff < -2 * se
 
 
 def compare(ours: list[dict], theirs: list[dict]) -> list[dict[str, Any]]:
@@ -194,24 +196,23 @@ def compare(ours: list[dict], theirs: list[dict]) -> list[dict[str, Any]]:
 
 
 def print_tables(groups: dict[str, list[dict]], comparisons: dict[str, list[dict]]) -> None:
-    fmt = lambda ms: f"{ms[0]:.4f} +- {ms[1]:.4f}"  # noqa: E731
     main = comparisons["clipline"]
     n = len(groups["open_clip_train"])
     print(f"\nclipline clip vs open_clip_train, same raw shards and hyperparameters, {n} seed(s) each "
-          f"(mean +- std; diff = clipline - open_clip_train +- SE):")
-    print(f"{'metric':44} {'open_clip_train':>20} {'clipline':>20} {'diff +- SE':>20}")
+          f"(mean ± std, %; diff = clipline - open_clip_train ± SE, percentage points):")
+    print(f"{'metric':44} {'open_clip_train':>20} {'clipline':>20} {'diff ± SE':>20}")
     for row in main:
         flag = "  BELOW" if row["below"] else ""
-        print(f"{row['metric']:44} {fmt(row['open_clip_train']):>20} {fmt(row['clipline']):>20} "
-              f"{row['diff']:+.4f} +- {row['se']:.4f}{flag}")
+        print(f"{row['metric']:44} {pct(row['open_clip_train']):>20} {pct(row['clipline']):>20} "
+              f"{points(row['diff'], row['se']):>20}{flag}")
     for name in ("open_clip_train", "clipline"):
         print(f"{name} wall s per run: {statistics.mean(r['wall_s'] for r in groups[name]):.0f}")
-    print("\nablations: clipline with one setting changed, diff from open_clip_train +- SE "
+    print("\nablations: clipline with one setting changed, diff from open_clip_train ± SE in points "
           f"(BELOW: > 2 SE lower), and how many of the {len(main)} metrics are BELOW:")
     print(f"{'clipline setting':58} " + " ".join(f"{h:>20}" for h in HEADLINE) + f" {'BELOW':>6}")
     for label, rows in comparisons.items():
         by_metric = {r["metric"]: r for r in rows}
-        cells = [f"{by_metric[h]['diff']:+.4f} +- {by_metric[h]['se']:.4f}" for h in HEADLINE]
+        cells = [points(by_metric[h]["diff"], by_metric[h]["se"]) for h in HEADLINE]
         name = "defaults (the recipe a user starts from)" if label == "clipline" else label
         print(f"{name:58} " + " ".join(f"{c:>20}" for c in cells) + f" {sum(r['below'] for r in rows):>6}")
 

@@ -84,6 +84,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 from loader import SHARD_SIZE  # noqa: E402
+from results_md import points  # noqa: E402
 from trainer import MODELS, quiet_fds  # noqa: E402
 
 from components.common import store  # noqa: E402
@@ -234,9 +235,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def difference(ours: list[float], theirs: list[float]) -> tuple[float, float]:
-    """(mean(ours) - mean(theirs), its standard error; 0 with one run each)."""
+def difference(ours: list[float], theirs: list[float]) -> tuple[float, float | None]:
+    """(mean(ours) - mean(theirs), its standard error; None where a side has one run: no spread to estimate)."""
     (a, sa), (b, sb) = mean_std(ours), mean_std(theirs)
+    if min(len(ours), len(theirs)) < 2:
+        return a - b, None
     return a - b, math.sqrt(sa * sa / len(ours) + sb * sb / len(theirs))
 
 
@@ -366,8 +369,7 @@ def differences(groups: dict[str, list[dict[str, Any]]], base: list[dict[str, An
     base_values = [r["final"][key] for r in base]
     parts = []
     for label, runs in groups.items():
-        diff, se = difference([r["final"][key] for r in runs], base_values)
-        parts.append(f"{label} {100 * diff:+.1f} ± {100 * se:.1f}")
+        parts.append(f"{label} {points(*difference([r['final'][key] for r in runs], base_values))}")
     return ", ".join(parts)
 
 

@@ -29,6 +29,11 @@ def pct(pair: list[float] | tuple[float, float]) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+def points(diff: float, se: float | None) -> str:
+    """A difference of two fractions in percentage points, with '± SE' where there is one (None: one run a side)."""
+    return f"{100 * diff:+.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+
+
 def table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
@@ -68,12 +73,12 @@ def clipa_section(c: dict[str, Any], plots: str) -> list[str]:
 def parity_section(p: dict[str, Any]) -> list[str]:
     main = p["comparisons"]["clipline"]
     rows = [[r["metric"], pct(r["open_clip_train"]), pct(r["clipline"]),
-             f"{100 * r['diff']:+.1f} ± {100 * r['se']:.1f}" + (" **below**" if r["below"] else "")] for r in main]
+             points(r["diff"], r["se"]) + (" **below**" if r["below"] else "")] for r in main]
     ablations = []
     for label, comparison in p["comparisons"].items():
         by_metric = {r["metric"]: r for r in comparison}
         ablations.append(["defaults" if label == "clipline" else label,
-                          *(f"{100 * by_metric[m]['diff']:+.1f} ± {100 * by_metric[m]['se']:.1f}"
+                          *(points(by_metric[m]["diff"], by_metric[m]["se"])
                             for m in ("mean_acc1", "mean_t2i_r10", "mean_i2t_r10")),
                           f"{sum(r['below'] for r in comparison)} of {len(comparison)}"])
     return [f"**Parity with open_clip_train.** `benchmarks/parity.py`: clipline's clip and open_clip_train on the same "
@@ -157,10 +162,7 @@ def ablation_table(defaults: Path, ablation: Path) -> str:
     rows = []
     for label in (label for label in runs[0] if label in runs[1]):
         ours, theirs = ([[r["final"][key] for r in part[label]] for _, key in METRICS] for part in runs)
-        # one run on a side has no spread to estimate: print the difference alone rather than a false "± 0.0"
-        one_run = min(len(ours[0]), len(theirs[0])) < 2
-        cells = [f"{100 * d:+.1f}" + ("" if one_run else f" ± {100 * se:.1f}")
-                 for d, se in (difference(a, b) for a, b in zip(ours, theirs))]
+        cells = [points(*difference(a, b)) for a, b in zip(ours, theirs)]
         rows.append([label, f"{len(ours[0])} / {len(theirs[0])}",
                      f"{100 * statistics.mean(ours[0]):.1f} / {100 * statistics.mean(theirs[0]):.1f}", *cells])
     if not rows:
